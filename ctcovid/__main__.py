@@ -1,0 +1,4 @@
+from ctcovid.cli.main import main
+import sys
+
+sys.exit(main())

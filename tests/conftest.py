@@ -1,0 +1,49 @@
+"""Shared pytest fixtures.
+
+Real data lives in ``../shared/data`` (next to the project root) or wherever ``CTCOVID_DATA`` points.
+Tests that need it skip with the reason when it is absent; they never download anything.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a stray pretrained load must fail fast, never download
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DATA_ROOT = Path(os.environ.get("CTCOVID_DATA", PROJECT_ROOT.parent / "shared" / "data")).resolve()
+
+
+def data_path(*parts: str) -> Path:
+    """Path under the shared data folder; skips the calling test with a clear reason if it is absent."""
+    path = DATA_ROOT.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"real data not available: {path} (set CTCOVID_DATA to the shared data folder)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """Root of the shared real data (skips when absent)."""
+    return data_path()
+
+
+@pytest.fixture(scope="session")
+def covid_ct_md_series() -> Path:
+    """COVID-CT-MD normal002: 167-slice JPEG-lossless HU DICOM series."""
+    return data_path("ct", "covid_ct_md", "normal002")
+
+
+@pytest.fixture(scope="session")
+def totalseg_dir() -> Path:
+    """TotalSegmentator example CT (NIfTI + JPEG 2000 DICOM series + lobe labels)."""
+    return data_path("fixtures", "totalsegmentator_example_ct")
+
+
+@pytest.fixture(scope="session")
+def medseg_dir() -> Path:
+    """MedSeg display-valued (0-4095) CT volumes with lung masks."""
+    return data_path("ct", "medseg")
