@@ -55,6 +55,22 @@ class NoLungSlicesError(CTInputError):
     """No slice of a scan was judged to contain lung, so no lung volume can be built."""
 
 
+class InputNotFoundError(CTInputError, FileNotFoundError):
+    """The given path does not exist (also a ``FileNotFoundError``)."""
+
+
+class UnsupportedFormatError(CTInputError):
+    """A file is readable but not in a format ctcovid reads as CT (e.g. ``.mha``, enhanced multi-frame DICOM)."""
+
+
+class CheckpointMismatchError(CTInputError):
+    """A local weights file does not fit the network (missing / unexpected keys, wrong tensor shapes)."""
+
+
+class ImageQualityError(CTInputError):
+    """An image fails a quality check (too blurry, contrast too low or too high); the message says which."""
+
+
 __all__ = [
     "CTInputError",
     "EmptyInputError",
@@ -66,4 +82,8 @@ __all__ = [
     "DimensionalityError",
     "NonFiniteValuesError",
     "NoLungSlicesError",
+    "InputNotFoundError",
+    "UnsupportedFormatError",
+    "CheckpointMismatchError",
+    "ImageQualityError",
 ]
