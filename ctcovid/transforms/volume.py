@@ -1,0 +1,517 @@
+"""Volume building for the CT networks: lung-slice selection, lung masking and depth resampling.
+
+Input volumes are channel-first ``(1, X, Y, Z)`` tensors (MetaTensors from ``ctcovid.io.load_ct``) whose
+last axis is the slice axis: slice ``k`` is ``img[0, :, :, k]``.
+
+Typical dictionary chain (the pipeline default when no slice-filter weights are given)::
+
+    LungSlicesFromMaskd("lung_mask", output_key="slice_lung_prob")   # or slice-filter probabilities
+    SelectLungSlicesd(["image", "lung_mask"], prob_key="slice_lung_prob")
+    MaskToLungd("image", mask_key="lung_mask")                           # severity only
+    BuildSeverityInputd("image")            # -> (48, 299, 299); BuildDetectionInputd -> (64, 224, 224)
+
+The network inputs put depth on the channel axis: ``(depth, H, W)``, row ``h`` runs along X and column
+``w`` along Y of the source slices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.config import KeysCollection, NdarrayOrTensor
+from monai.data import MetaTensor
+from monai.data.meta_obj import get_track_meta
+from monai.transforms import MapTransform, Transform
+from monai.utils import TransformBackends, convert_to_tensor, ensure_tuple_rep
+
+from ctcovid.io.errors import CTInputError, NoLungSlicesError
+
+__all__ = [
+    "KEPT_SLICES_KEY",
+    "kept_slices_from_meta",
+    "SelectLungSlices",
+    "SelectLungSlicesd",
+    "LungSlicesFromMask",
+    "LungSlicesFromMaskd",
+    "MaskToLung",
+    "MaskToLungd",
+    "ResampleSlices",
+    "ResampleSlicesd",
+    "BuildDetectionInput",
+    "BuildDetectionInputd",
+    "BuildSeverityInput",
+    "BuildSeverityInputd",
+]
+
+#: Meta-data key holding the original indices of the kept slices, as a comma-separated string
+#: (e.g. ``"12,13,14"``): a string, unlike a list, collates across scans with different slice counts.
+KEPT_SLICES_KEY = "kept_slices"
+
+
+def kept_slices_from_meta(meta: Mapping) -> list[int] | None:
+    """Original slice indices recorded by :class:`SelectLungSlices` in ``meta`` (``None`` if not recorded)."""
+    value = meta.get(KEPT_SLICES_KEY)
+    if value is None:
+        return None
+    return [int(v) for v in str(value).split(",") if v.strip()]
+
+
+def _to_tensor(img: NdarrayOrTensor) -> torch.Tensor:
+    """Torch tensor view of ``img``; a MetaTensor stays one (when meta tracking is on)."""
+    return convert_to_tensor(img, track_meta=get_track_meta())
+
+
+def _scan_name(img: NdarrayOrTensor) -> str | None:
+    if isinstance(img, MetaTensor):
+        name = img.meta.get("filename_or_obj")
+        return None if name is None else str(name)
+    return None
+
+
+def _check_volume(img: torch.Tensor, what: str) -> None:
+    if img.ndim != 4:
+        raise CTInputError(
+            _scan_name(img), f"{what} needs a channel-first volume (C, X, Y, Z), got shape {tuple(img.shape)}"
+        )
+
+
+class SelectLungSlices(Transform):
+    """Keep the slices whose lung probability reaches ``threshold``, in their original order.
+
+    Args:
+        threshold: a slice is kept when its probability is ``>= threshold``.
+
+    ``__call__(img, slice_prob)``:
+        img: ``(C, X, Y, Z)`` volume (slices on the last axis).
+        slice_prob: ``Z`` per-slice lung probabilities (array / tensor / list; from
+            :class:`ctcovid.networks.LungSliceFilter` or :class:`LungSlicesFromMask`).
+
+    Returns ``(C, X, Y, K)`` with the K kept slices. On a MetaTensor the original indices of the kept slices
+    are recorded under ``meta["kept_slices"]`` (see :func:`kept_slices_from_meta`; composed with an
+    earlier selection if there was one).
+
+    Raises:
+        NoLungSlicesError: no slice reaches the threshold (the message names the scan).
+    """
+
+    backend = [TransformBackends.TORCH]
+
+    def __init__(self, threshold: float = 0.5) -> None:
+        self.threshold = float(threshold)
+
+    def __call__(self, img: NdarrayOrTensor, slice_prob: NdarrayOrTensor | Sequence[float]) -> torch.Tensor:
+        img = _to_tensor(img)
+        _check_volume(img, "SelectLungSlices")
+        name = _scan_name(img)
+        prob = torch.as_tensor(convert_to_tensor(slice_prob, track_meta=False)).reshape(-1)
+        n_slices = img.shape[-1]
+        if prob.numel() != n_slices:
+            raise ValueError(f"{name}: {prob.numel()} slice probabilities for a volume of {n_slices} slices")
+        keep = torch.nonzero(prob >= self.threshold).flatten()
+        if keep.numel() == 0:
+            highest = float(prob.max()) if prob.numel() else float("nan")
+            raise NoLungSlicesError(
+                name,
+                f"no slice was judged to contain lung (lung probability >= {self.threshold} on none of "
+                f"{n_slices} slices; highest {highest:.3f})",
+            )
+        out = img.index_select(img.ndim - 1, keep.to(img.device))
+        if isinstance(out, MetaTensor):
+            kept = keep.tolist()
+            earlier = kept_slices_from_meta(img.meta)
+            if earlier is not None and len(earlier) == n_slices:
+                kept = [earlier[i] for i in kept]
+            out.meta = dict(out.meta)  # never write into the input's meta dict
+            out.meta[KEPT_SLICES_KEY] = ",".join(map(str, kept))
+        return out
+
+
+class SelectLungSlicesd(MapTransform):
+    """Dictionary twin of :class:`SelectLungSlices`: the same slices are kept in every key.
+
+    Args:
+        keys: volumes to cut (e.g. ``["image", "lung_mask"]``).
+        prob_key: key of the ``Z`` per-slice lung probabilities.
+        threshold: see :class:`SelectLungSlices`.
+        allow_missing_keys: don't raise if a key is missing.
+    """
+
+    backend = SelectLungSlices.backend
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        prob_key: str = "slice_lung_prob",
+        threshold: float = 0.5,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.prob_key = prob_key
+        self.selector = SelectLungSlices(threshold)
+
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.selector(d[key], d[self.prob_key])
+        return d
+
+
+class LungSlicesFromMask(Transform):
+    """Per-slice lung indicator from a lung mask: a slice is lung if its mask area is large enough.
+
+    The slice filter used when no slice-classifier weights are available; its output feeds
+    :class:`SelectLungSlices` (threshold 0.5).
+
+    Args:
+        min_area: smallest lung area of a lung slice, as a fraction of the slice area
+            (``area_unit="fraction"``, default 1 %) or in pixels (``area_unit="pixels"``).
+            A lung slice always needs at least one lung pixel.
+        area_unit: ``"fraction"`` or ``"pixels"``.
+        mask_threshold: mask voxels ``> mask_threshold`` are lung (works for {0, 1} masks, label maps
+            with one label per lung, and probabilities).
+
+    ``__call__(mask)``: ``(C, X, Y, Z)`` mask (any channel counts) -> ``(Z,)`` float32 tensor of 0 / 1.
+    """
+
+    backend = [TransformBackends.TORCH]
+
+    def __init__(
+        self, min_area: float = 0.01, area_unit: str = "fraction", mask_threshold: float = 0.5
+    ) -> None:
+        if area_unit not in ("fraction", "pixels"):
+            raise ValueError(f"area_unit must be 'fraction' or 'pixels', got {area_unit!r}")
+        if min_area < 0 or (area_unit == "fraction" and min_area > 1):
+            raise ValueError(f"min_area {min_area} out of range for area_unit={area_unit!r}")
+        self.min_area = float(min_area)
+        self.area_unit = area_unit
+        self.mask_threshold = float(mask_threshold)
+
+    def __call__(self, mask: NdarrayOrTensor) -> torch.Tensor:
+        mask = convert_to_tensor(mask, track_meta=False)
+        _check_volume(mask, "LungSlicesFromMask")
+        lung = (mask > self.mask_threshold).any(dim=0)  # (X, Y, Z)
+        area = lung.sum(dim=(0, 1))
+        min_pixels = (
+            self.min_area * lung.shape[0] * lung.shape[1] if self.area_unit == "fraction" else self.min_area
+        )
+        return ((area >= min_pixels) & (area > 0)).to(torch.float32)
+
+
+class LungSlicesFromMaskd(MapTransform):
+    """Dictionary twin of :class:`LungSlicesFromMask`: writes the indicator under ``output_key``.
+
+    Args:
+        keys: the one lung-mask key.
+        output_key: where the ``(Z,)`` indicator goes (what :class:`SelectLungSlicesd` reads).
+        min_area, area_unit, mask_threshold: see :class:`LungSlicesFromMask`.
+        allow_missing_keys: don't raise if the key is missing.
+    """
+
+    backend = LungSlicesFromMask.backend
+
+    def __init__(
+        self,
+        keys: KeysCollection = "lung_mask",
+        output_key: str = "slice_lung_prob",
+        min_area: float = 0.01,
+        area_unit: str = "fraction",
+        mask_threshold: float = 0.5,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if len(self.keys) != 1:
+            raise ValueError(f"LungSlicesFromMaskd takes one mask key, got {self.keys}")
+        self.output_key = output_key
+        self.indicator = LungSlicesFromMask(min_area, area_unit, mask_threshold)
+
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[self.output_key] = self.indicator(d[key])
+        return d
+
+
+class MaskToLung(Transform):
+    """Keep the lung: voxels outside the lung mask are set to ``background``.
+
+    Args:
+        background: value outside the lung (0 suits images normalised to [0, 1]).
+        mask_threshold: mask voxels ``> mask_threshold`` are lung.
+
+    ``__call__(img, mask)``: ``img`` ``(C, X, Y, Z)``; ``mask`` of the same shape or with one channel
+    (broadcast over the image channels). Returns the masked image (float dtype kept; integer images
+    become float32), meta data kept.
+
+    Raises:
+        CTInputError: the mask does not match the image's spatial shape (the message names the scan).
+    """
+
+    backend = [TransformBackends.TORCH]
+
+    def __init__(self, background: float = 0.0, mask_threshold: float = 0.5) -> None:
+        self.background = float(background)
+        self.mask_threshold = float(mask_threshold)
+
+    def __call__(self, img: NdarrayOrTensor, mask: NdarrayOrTensor) -> torch.Tensor:
+        img = _to_tensor(img)
+        mask = convert_to_tensor(mask, track_meta=False, device=img.device)
+        if mask.ndim != img.ndim or mask.shape[1:] != img.shape[1:] or mask.shape[0] not in (1, img.shape[0]):
+            raise CTInputError(
+                _scan_name(img),
+                f"lung mask shape {tuple(mask.shape)} does not match image shape {tuple(img.shape)}",
+            )
+        dtype = img.dtype if img.is_floating_point() else torch.float32
+        background = torch.tensor(self.background, dtype=dtype, device=img.device)
+        return torch.where(mask > self.mask_threshold, img.to(dtype), background)
+
+
+class MaskToLungd(MapTransform):
+    """Dictionary twin of :class:`MaskToLung`.
+
+    Args:
+        keys: images to mask.
+        mask_key: key of the lung mask.
+        background, mask_threshold: see :class:`MaskToLung`.
+        allow_missing_keys: don't raise if a key is missing.
+    """
+
+    backend = MaskToLung.backend
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        mask_key: str = "lung_mask",
+        background: float = 0.0,
+        mask_threshold: float = 0.5,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.mask_key = mask_key
+        self.masker = MaskToLung(background, mask_threshold)
+
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.masker(d[key], d[self.mask_key])
+        return d
+
+
+def _resample_depth(x: torch.Tensor, depth: int) -> torch.Tensor:
+    """``(X, Y, Z)`` -> ``(X, Y, depth)``: linear along Z, first and last slices kept (align_corners)."""
+    rows, cols, n = x.shape
+    if n == depth:
+        return x
+    out = F.interpolate(x.reshape(1, rows * cols, n), size=depth, mode="linear", align_corners=True)
+    return out.reshape(rows, cols, depth)
+
+
+def _resample_plane(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``(X, Y, Z)`` -> ``(H, W, Z)``: bilinear in-plane (pixel centres, antialias off), slices as channels."""
+    if tuple(x.shape[:2]) == size:
+        return x
+    out = F.interpolate(
+        x.permute(2, 0, 1).unsqueeze(0), size=size, mode="bilinear", align_corners=False, antialias=False
+    )
+    return out[0].permute(1, 2, 0)
+
+
+class ResampleSlices(Transform):
+    """Resample a stack of slices to ``(depth, H, W)``, depth as channels, for the 2D networks.
+
+    Depth is interpolated linearly along the slice axis with the first and last slices mapped onto the
+    first and last output slices (``align_corners=True``: 3 slices valued 0, 1, 2 become 0, 0.5, 1,
+    1.5, 2 at depth 5), so no slice is dropped or duplicated as nearest-neighbour would; fewer slices
+    than ``depth`` are interpolated up and a single slice is repeated. In-plane resizing is bilinear on
+    pixel centres (``align_corners=False``) without antialiasing (cheaper; the networks are trained on
+    the same resampling). Both are separable linear maps, done in whichever order is cheaper, in float32
+    on the input's device.
+
+    Args:
+        depth: output slices.
+        spatial_size: output ``(H, W)`` (an int means square).
+
+    ``__call__(img)``: ``(1, X, Y, Z)`` (or ``(X, Y, Z)``) -> ``(depth, H, W)`` float32; a MetaTensor keeps
+    its meta data except the affine (the output is a network input, not an image in space).
+    """
+
+    backend = [TransformBackends.TORCH]
+
+    def __init__(self, depth: int = 64, spatial_size: Sequence[int] | int = (224, 224)) -> None:
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        self.depth = int(depth)
+        self.spatial_size = tuple(int(s) for s in ensure_tuple_rep(spatial_size, 2))
+
+    def __call__(self, img: NdarrayOrTensor) -> torch.Tensor:
+        img = _to_tensor(img)
+        if img.ndim == 4:
+            if img.shape[0] != 1:
+                raise CTInputError(
+                    _scan_name(img), f"ResampleSlices needs one channel, got shape {tuple(img.shape)}"
+                )
+            vol = img[0]
+        elif img.ndim == 3:
+            vol = img
+        else:
+            raise CTInputError(
+                _scan_name(img), f"ResampleSlices needs a (1, X, Y, Z) volume, got shape {tuple(img.shape)}"
+            )
+        if vol.shape[-1] == 0:
+            raise NoLungSlicesError(_scan_name(img), "no slices to resample")
+        x = vol.as_tensor() if isinstance(vol, MetaTensor) else vol
+        out = self._resample(x.to(torch.float32), depth_first=self._depth_first(x.shape))
+        out = out.permute(2, 0, 1).contiguous()  # (depth, H, W)
+        if isinstance(img, MetaTensor) and get_track_meta():
+            meta = {k: v for k, v in img.meta.items() if k != "affine"}
+            return MetaTensor(out, meta=meta)
+        return out
+
+    def _depth_first(self, shape: Sequence[int]) -> bool:
+        rows, cols, n = shape
+        h, w = self.spatial_size
+        return self.depth * rows * cols < n * h * w  # the smaller intermediate result
+
+    def _resample(self, x: torch.Tensor, depth_first: bool) -> torch.Tensor:
+        """``(X, Y, Z)`` float32 -> ``(H, W, depth)``."""
+        if depth_first:
+            return _resample_plane(_resample_depth(x, self.depth), self.spatial_size)
+        return _resample_depth(_resample_plane(x, self.spatial_size).contiguous(), self.depth)
+
+
+class ResampleSlicesd(MapTransform):
+    """Dictionary twin of :class:`ResampleSlices`."""
+
+    backend = ResampleSlices.backend
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        depth: int = 64,
+        spatial_size: Sequence[int] | int = (224, 224),
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.resampler = ResampleSlices(depth, spatial_size)
+
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.resampler(d[key])
+        return d
+
+
+class BuildDetectionInput(Transform):
+    """Detection-network input from the kept lung slices: ``(depth, H, W)``, paper size ``(64, 224, 224)``.
+
+    Args:
+        depth: slices of the stack.
+        spatial_size: in-plane size ``(H, W)``.
+        background, mask_threshold: used when a lung mask is given (see :class:`MaskToLung`).
+
+    ``__call__(img, mask=None)``: ``img`` ``(1, X, Y, K)`` kept slices (after :class:`SelectLungSlices`);
+    with ``mask`` the non-lung voxels are set to ``background`` first.
+    """
+
+    backend = [TransformBackends.TORCH]
+
+    def __init__(
+        self,
+        depth: int = 64,
+        spatial_size: Sequence[int] | int = (224, 224),
+        background: float = 0.0,
+        mask_threshold: float = 0.5,
+    ) -> None:
+        self.masker = MaskToLung(background, mask_threshold)
+        self.resampler = ResampleSlices(depth, spatial_size)
+
+    def __call__(self, img: NdarrayOrTensor, mask: NdarrayOrTensor | None = None) -> torch.Tensor:
+        if mask is not None:
+            img = self.masker(img, mask)
+        return self.resampler(img)
+
+
+class BuildSeverityInput(Transform):
+    """Severity-network input: the kept slices resampled to each depth, concatenated on channels.
+
+    Paper size: ``depths=(32, 16)``, ``(299, 299)`` -> ``(48, 299, 299)`` whose first 32 channels are the
+    32-slice stack and last 16 the 16-slice stack (what :class:`ctcovid.networks.SeverityMember` splits).
+
+    Args:
+        depths: depth of each stack.
+        spatial_size: in-plane size ``(H, W)``.
+        background, mask_threshold: used when a lung mask is given (see :class:`MaskToLung`).
+
+    ``__call__(img, mask=None)``: ``img`` ``(1, X, Y, K)`` kept slices, lung-masked already or masked here
+    with ``mask``. Returns ``(sum(depths), H, W)`` float32.
+    """
+
+    backend = [TransformBackends.TORCH]
+
+    def __init__(
+        self,
+        depths: Sequence[int] = (32, 16),
+        spatial_size: Sequence[int] | int = (299, 299),
+        background: float = 0.0,
+        mask_threshold: float = 0.5,
+    ) -> None:
+        self.masker = MaskToLung(background, mask_threshold)
+        self.resamplers = [ResampleSlices(d, spatial_size) for d in depths]
+
+    def __call__(self, img: NdarrayOrTensor, mask: NdarrayOrTensor | None = None) -> torch.Tensor:
+        if mask is not None:
+            img = self.masker(img, mask)
+        return torch.cat([resample(img) for resample in self.resamplers], dim=0)
+
+
+class BuildDetectionInputd(MapTransform):
+    """Dictionary twin of :class:`BuildDetectionInput`; ``mask_key`` (optional) names the lung mask."""
+
+    backend = BuildDetectionInput.backend
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        mask_key: str | None = None,
+        depth: int = 64,
+        spatial_size: Sequence[int] | int = (224, 224),
+        background: float = 0.0,
+        mask_threshold: float = 0.5,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.mask_key = mask_key
+        self.builder = BuildDetectionInput(depth, spatial_size, background, mask_threshold)
+
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.builder(d[key], None if self.mask_key is None else d[self.mask_key])
+        return d
+
+
+class BuildSeverityInputd(MapTransform):
+    """Dictionary twin of :class:`BuildSeverityInput`; ``mask_key`` (optional) names the lung mask."""
+
+    backend = BuildSeverityInput.backend
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        mask_key: str | None = None,
+        depths: Sequence[int] = (32, 16),
+        spatial_size: Sequence[int] | int = (299, 299),
+        background: float = 0.0,
+        mask_threshold: float = 0.5,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.mask_key = mask_key
+        self.builder = BuildSeverityInput(depths, spatial_size, background, mask_threshold)
+
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.builder(d[key], None if self.mask_key is None else d[self.mask_key])
+        return d
