@@ -1,0 +1,40 @@
+"""Keep "best so far" across a resumed training.
+
+MONAI's ``CheckpointSaver(save_key_metric=True)`` remembers the best validation score in memory only, so a
+resumed run overwrote ``model.pt`` at its first validation even when that score was worse. MONAI's own
+remedy (``key_metric_save_state=True``) stores the tracker inside ``model.pt``, which then stops being a
+plain state dict. :class:`BestMetricState` instead exposes the tracker as a state-dict object, so it goes
+into the per-epoch "latest" checkpoint next to model, optimizer and trainer, and ``CheckpointLoader``
+restores it on ``resume``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from monai.handlers import CheckpointSaver
+
+__all__ = ["BestMetricState"]
+
+
+class BestMetricState:
+    """State-dict view of a key-metric ``CheckpointSaver``'s best-score tracking.
+
+    Args:
+        saver: a ``CheckpointSaver`` built with ``save_key_metric=True``.
+
+    ``state_dict()`` -> ``{"_saved": [(score, filename), ...]}`` (ignite ``Checkpoint`` format);
+    ``load_state_dict(sd)`` puts it back, so the next validation saves only if it beats ``score``.
+    """
+
+    def __init__(self, saver: CheckpointSaver) -> None:
+        tracker = getattr(saver, "_key_metric_checkpoint", None)
+        if tracker is None:
+            raise ValueError("BestMetricState needs a CheckpointSaver with save_key_metric=True")
+        self.tracker = tracker
+
+    def state_dict(self) -> dict:
+        return dict(self.tracker.state_dict())
+
+    def load_state_dict(self, state_dict: Mapping) -> None:
+        self.tracker.load_state_dict(state_dict)

@@ -1,0 +1,195 @@
+"""Build the committed datalists of the two lung bundles from ``../shared/data``.
+
+``python -m ctcovid.training.lung_datalist --data_root ../shared/data`` rewrites
+``bundles/ct_lung_segmentation/configs/datalist.json`` and ``bundles/ct_lung_slice_filter/configs/datalist.json``.
+Paths in them are relative to ``data_root`` (what :func:`ctcovid.training.resolve_datalist` joins them with).
+
+Split (whole volumes / estimated patients, never slices of one volume on both sides):
+
+- **test**: MedSeg ``rp6`` and ``rp8`` (display 0-4095). Two volumes rather than one because rp8 has lung
+  on every slice (no negatives for the slice filter) and an unusual display window, while rp6 has 12
+  non-lung slices below the lungs. The ma2020 slices copied from these two volumes (found by
+  :mod:`ctcovid.training.ma2020`) are excluded from training and validation.
+- **training**: MedSeg ``rp2``, ``rp4`` (all slices, non-lung slices included) + the remaining ma2020 slices.
+- **validation** (model selection only): whole estimated ma2020 patient groups, by default one coronacases
+  volume and one Radiopaedia volume not in the MedSeg subset.
+- **HU evaluation** (never trained on by the segmenter): TotalSegmentator ``example_ct_sm`` (lobes 10-14
+  as reference) and COVID-CT-MD ``normal002`` (no reference mask: lung volume check).
+
+The slice filter validates on MedSeg ``rp4`` plus the ma2020 validation groups (the latter are all lung
+slices; model selection needs non-lung slices too) and trains on ``rp2``; it adds the 82 abdomen-pelvis slices of TotalSegmentator ``example_ct`` below the
+``example_ct_sm`` crop (slices 0-81; the lobe labels of the crop show no lung below its slice 19, so the
+lower slices cannot hold lung) as HU negatives for training; its HU test is ``example_ct_sm``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from ctcovid.training.ma2020 import analyse_ma2020, group_members
+from ctcovid.training.slices import default_data_root
+
+__all__ = ["build_lung_datalists", "main", "MEDSEG_CASES", "TOTALSEG_LUNG_LABELS"]
+
+MEDSEG_CASES = ("rp2", "rp4", "rp6", "rp8")
+TRAIN_CASES = ("rp2", "rp4")
+TEST_CASES = ("rp6", "rp8")
+#: TotalSegmentator "total" v2 lobe labels (upper/lower left, upper/middle/lower right).
+TOTALSEG_LUNG_LABELS = (10, 11, 12, 13, 14)
+#: Default validation groups: the ma2020 files starting the coronacases volume at 0972 and the
+#: Radiopaedia volume at 1512 (named by :func:`ctcovid.training.ma2020.analyse_ma2020`).
+DEFAULT_VAL_GROUPS = ("ma0972", "ma1512")
+#: ``example_ct.nii.gz`` slices 82-111 are ``example_ct_sm.nii.gz`` (checked voxel by voxel).
+EXAMPLE_CT_SM_OFFSET = 82
+
+_MEDSEG = "ct/medseg"
+_MA = "ct/ma2020_slices"
+_TS = "fixtures/totalsegmentator_example_ct"
+
+
+def _medseg_item(case: str) -> dict:
+    return {
+        "image": f"{_MEDSEG}/images/{case}.nii.gz",
+        "label": f"{_MEDSEG}/lung_masks/{case}.nii.gz",
+        "case": case,
+        "source": "medseg",
+        "domain": "display",
+    }
+
+
+def _ma_item(name: str, group: str) -> dict:
+    return {
+        "image": f"{_MA}/ct/{name}",
+        "label": f"{_MA}/lungs/{name}",
+        "case": f"ma2020/{group}",
+        "source": "ma2020",
+        "domain": "display",
+    }
+
+
+def _hu_items() -> list[dict]:
+    return [
+        {
+            "image": f"{_TS}/example_ct_sm.nii.gz",
+            "label": f"{_TS}/example_seg.nii.gz",
+            "label_values": list(TOTALSEG_LUNG_LABELS),
+            "case": "totalseg_example_ct_sm",
+            "source": "totalsegmentator",
+            "domain": "hu",
+        },
+        {
+            "image": "ct/covid_ct_md/normal002",
+            "case": "covid_ct_md_normal002",
+            "source": "covid_ct_md",
+            "domain": "hu",
+            "note": "no reference mask; anatomical check: adult lung volume 2-8 L",
+        },
+    ]
+
+
+def build_lung_datalists(
+    data_root: str | os.PathLike, val_groups: Sequence[str] = DEFAULT_VAL_GROUPS
+) -> tuple[dict, dict]:
+    """Return ``(segmentation datalist, slice-filter datalist)`` as JSON-ready dicts (paths relative to ``data_root``)."""
+    root = Path(data_root)
+    medseg = {
+        c: (root / _MEDSEG / "images" / f"{c}.nii.gz", root / _MEDSEG / "lung_masks" / f"{c}.nii.gz")
+        for c in MEDSEG_CASES
+    }
+    records = analyse_ma2020(root / _MA, medseg)
+    groups = group_members(records)
+    unknown = [g for g in val_groups if g not in groups]
+    if unknown:
+        raise ValueError(f"validation groups {unknown} not found; groups are {sorted(groups)}")
+
+    train, val, excluded = [], [], []
+    for r in records:
+        cases = set(r.group.split("+")) & set(MEDSEG_CASES)
+        if cases & set(TEST_CASES):
+            excluded.append(
+                {
+                    "image": f"{_MA}/ct/{r.name}",
+                    "group": r.group,
+                    "reason": f"same patient as test volume(s) {sorted(cases & set(TEST_CASES))}"
+                    + (
+                        f" (copy of {r.medseg_case} slice {r.medseg_slice}: mask Dice {r.match_dice}, "
+                        f"image correlation {r.match_corr})"
+                        if r.medseg_case
+                        else " (same estimated patient group)"
+                    ),
+                }
+            )
+        elif r.group in val_groups:
+            val.append(_ma_item(r.name, r.group))
+        else:
+            train.append(_ma_item(r.name, r.group))
+
+    provenance = {
+        "generated_by": "python -m ctcovid.training.lung_datalist --data_root <data_root>",
+        "data_root": "paths are relative to data_root (default ../shared/data from the repository root)",
+        "ma2020_groups": {g: [m[0], m[-1], len(m)] for g, m in groups.items()},
+    }
+    seg = {
+        "description": "ct_lung_segmentation: 2D lung segmentation slices. Split by volume / estimated patient.",
+        **provenance,
+        "training": [_medseg_item(c) for c in TRAIN_CASES] + train,
+        "validation": val,
+        "test": [_medseg_item(c) for c in TEST_CASES],
+        "test_hu": _hu_items(),
+        "excluded": excluded,
+    }
+    example_ct_negatives = {
+        "image": f"{_TS}/example_ct.nii.gz",
+        "slices": [0, EXAMPLE_CT_SM_OFFSET],
+        "slice_label": 0,
+        "case": "totalseg_example_ct_below_sm",
+        "source": "totalsegmentator",
+        "domain": "hu",
+        "note": "abdomen-pelvis slices 0-81, below the example_ct_sm crop whose lowest 19 slices hold no lung",
+    }
+    filt = {
+        "description": "ct_lung_slice_filter: per-slice lung / non-lung labels derived from lung masks "
+        "(lung if the mask covers at least min_area of the slice).",
+        **provenance,
+        # rp4 validates: the ma2020 validation slices are all lung, model selection needs negatives too
+        "training": [_medseg_item("rp2"), example_ct_negatives] + train,
+        "validation": [_medseg_item("rp4")] + val,
+        "test": [_medseg_item(c) for c in TEST_CASES] + [_hu_items()[0]],
+        "test_unlabelled": [_hu_items()[1]],
+        "excluded": excluded,
+    }
+    return seg, filt
+
+
+def _write_json(obj: dict, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from ctcovid.bundle import bundle_path
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--data_root", default=default_data_root(), help="shared data folder (default: %(default)s)"
+    )
+    parser.add_argument("--val_groups", nargs="+", default=list(DEFAULT_VAL_GROUPS))
+    args = parser.parse_args(argv)
+    seg, filt = build_lung_datalists(args.data_root, args.val_groups)
+    for name, obj in (("ct_lung_segmentation", seg), ("ct_lung_slice_filter", filt)):
+        out = Path(bundle_path(name)) / "configs" / "datalist.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _write_json(obj, out)
+        print(
+            f"{out}: {len(obj['training'])} training, {len(obj['validation'])} validation, "
+            f"{len(obj['test'])} test items, {len(obj['excluded'])} excluded"
+        )
+
+
+if __name__ == "__main__":
+    main()
