@@ -1,0 +1,156 @@
+"""``ctcovid predict``: run the CT pipeline on scans and write per-scan outputs plus ``summary.csv``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+#: Exit codes of ``ctcovid predict`` and ``ctcovid demo``.
+EXIT_OK = 0  # every scan ok or already done
+EXIT_SCANS_FAILED = 1  # the run finished but at least one scan failed (see summary.csv)
+EXIT_USAGE = 2  # bad arguments: input path not found, unknown device, ... (nothing was run)
+EXIT_MODELS = 3  # a model cannot be loaded: missing weights (the message names the bundle), broken bundle
+EXIT_INTERRUPTED = 130  # Ctrl-C: finished scans are kept; re-run the same command to resume
+
+EXIT_CODES_HELP = f"""exit codes:
+  {EXIT_OK}    all scans ok (or already done)
+  {EXIT_SCANS_FAILED}    some scans failed (status and reason in summary.csv); the others were processed
+  {EXIT_USAGE}    usage error (missing input path, bad option); nothing was run
+  {EXIT_MODELS}    a model could not be loaded (missing weights name the bundle and how to train it)
+  {EXIT_INTERRUPTED}  interrupted; re-run the same command to resume where it stopped"""
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
+    """Options shared by ``predict`` and ``demo``."""
+    p.add_argument(
+        "--bundle-dir", default=None, help="folder holding the bundles (default: the package's bundles/)"
+    )
+    p.add_argument(
+        "--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto = cuda if available)"
+    )
+    p.add_argument(
+        "--batch-size", type=positive_int, default=16, help="slices per batch in slice-level stages (16)"
+    )
+    p.add_argument(
+        "--workers", type=non_negative_int, default=1, help="scans read ahead in background threads (1)"
+    )
+    p.add_argument(
+        "--severity",
+        choices=("covid", "always", "never"),
+        default="covid",
+        help="grade severity on scans predicted COVID-19 (covid, default), on all scans, or never",
+    )
+    p.add_argument("--force", action="store_true", help="recompute scans already done in --out")
+    p.add_argument("--no-gradcam", action="store_true", help="skip the Grad-CAM heat map (faster)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "predict",
+        help="run the CT pipeline on DICOM series, NIfTI files, slice folders or folders of scans",
+        description=(
+            "Read each scan, filter lung slices, segment the lungs, run the COVID-19 detection ensemble and the "
+            "severity ensemble (on scans predicted COVID-19, or all with --severity always). Writes "
+            "<scan>.json, <scan>_lung_mask.nii.gz, <scan>_montage.png per scan and summary.csv into --out. "
+            "A failing scan does not stop the run; re-running skips scans already done."
+        ),
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="DICOM series folder, NIfTI file, JPG/PNG slice folder, or a folder of such scans",
+    )
+    p.add_argument("--out", "-o", required=True, help="output folder (created)")
+    add_pipeline_arguments(p)
+    p.add_argument(
+        "--skip-missing",
+        action="store_true",
+        help="run without the stages whose bundle has no trained weights (reported) instead of stopping",
+    )
+    p.add_argument("--allow-2d", action="store_true", help="accept single-slice inputs as 1-slice scans")
+    p.set_defaults(func=run)
+    return p
+
+
+def error(command: str, message: str) -> None:
+    print(f"ctcovid {command}: error: {message}", file=sys.stderr)
+
+
+def build_pipeline(args, command: str, skip_missing: bool, allow_2d: bool):
+    """The pipeline for ``args``, or an exit code after printing why it cannot be built."""
+    from ctcovid.pipelines import CTCovidPipeline
+    from ctcovid.pipelines.bundles import BundleError, MissingWeightsError
+
+    try:
+        return CTCovidPipeline(
+            bundle_dir=args.bundle_dir,
+            device=args.device,
+            batch_size=args.batch_size,
+            severity=args.severity,
+            skip_missing=skip_missing,
+            allow_2d=allow_2d,
+            gradcam=not args.no_gradcam,
+        )
+    except (MissingWeightsError, BundleError) as e:
+        error(command, str(e))
+        return EXIT_MODELS
+    except ValueError as e:  # unknown or unavailable device
+        error(command, str(e))
+        return EXIT_USAGE
+
+
+def run_and_report(args, command: str, inputs, pipeline) -> int:
+    """Run the batch, print a summary and return the exit code."""
+    from ctcovid.pipelines.batch import run_batch
+
+    try:
+        report = run_batch(
+            inputs, args.out, pipeline, force=args.force, workers=args.workers, progress=not args.no_progress
+        )
+    except KeyboardInterrupt:
+        error(command, f"interrupted; finished scans are in {args.out}; re-run the same command to resume")
+        return EXIT_INTERRUPTED
+    n = len(report.rows)
+    print(
+        f"{n} scan(s): {report.ok} ok, {report.skipped_done} already done, {report.failed} failed. "
+        f"Outputs in {report.out_dir.resolve()} (summary: {report.summary_path.name})"
+    )
+    for row in report.rows:
+        if row["status"] == "failed":
+            print(f"  failed: {row['scan_id']}: {row['reason']}")
+    return EXIT_SCANS_FAILED if report.failed else EXIT_OK
+
+
+def run(args) -> int:
+    from ctcovid.io.errors import InputNotFoundError
+    from ctcovid.pipelines.scans import discover_scans
+
+    try:
+        scans = discover_scans(args.inputs)
+    except (InputNotFoundError, FileNotFoundError) as e:
+        error("predict", str(e))
+        return EXIT_USAGE
+    pipeline = build_pipeline(args, "predict", skip_missing=args.skip_missing, allow_2d=args.allow_2d)
+    if isinstance(pipeline, int):
+        return pipeline
+    for stage, why in pipeline.skipped_stages().items():
+        print(f"{stage}: {why}", file=sys.stderr)
+    return run_and_report(args, "predict", scans, pipeline)

@@ -1,0 +1,280 @@
+"""Running the CT pipeline over many scans with outputs on disk, failures recorded, and resume.
+
+For every scan of a run (see :func:`ctcovid.pipelines.scans.discover_scans`) :func:`run_batch` writes into
+``out_dir``: ``<id>_lung_mask.nii.gz``, ``<id>_montage.png`` and ``<id>.json`` (last, all atomically), and
+after every scan it rewrites ``summary.csv`` (one row per scan handled so far, atomically), so a killed
+run leaves complete files and an up-to-date summary.
+
+- A scan that fails (unreadable, no lung slices, ...) gets ``status=failed`` with the reason in its JSON
+  and its summary row; the run goes on.
+- A scan whose ``<id>.json`` is ``ok`` with the same resume key (input content hash + model versions +
+  options, :mod:`ctcovid.pipelines.resume`) and whose mask and montage still exist is not recomputed: its
+  row says ``skipped-done``. ``force=True`` recomputes everything. Failed scans are always retried.
+- Reading runs ahead in a thread pool (``workers`` scans at a time) while the networks work on the
+  current scan; networks run in the calling thread.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ctcovid.io.errors import CTInputError
+
+from .ct import CTCovidPipeline, CTResult
+from .outputs import write_csv_atomic, write_json_atomic
+from .resume import hash_input, load_done_record, resume_key
+from .scans import ScanInput, discover_scans
+
+__all__ = ["BatchReport", "SUMMARY_FIELDS", "SUMMARY_NAME", "run_batch"]
+
+SUMMARY_NAME = "summary.csv"
+
+#: Fixed columns of ``summary.csv``; ``p_<class>`` severity columns follow, in class order.
+SUMMARY_FIELDS = (
+    "scan_id",
+    "path",
+    "status",
+    "reason",
+    "slices_read",
+    "slices_kept",
+    "lung_volume_ml",
+    "covid_probability",
+    "covid_probability_spread",
+    "prediction",
+    "severity",
+)
+
+
+@dataclass
+class BatchReport:
+    """What a run did: one summary row per scan, in input order."""
+
+    out_dir: Path
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def count(self, status: str) -> int:
+        return sum(1 for r in self.rows if r["status"] == status)
+
+    @property
+    def ok(self) -> int:
+        return self.count("ok")
+
+    @property
+    def failed(self) -> int:
+        return self.count("failed")
+
+    @property
+    def skipped_done(self) -> int:
+        return self.count("skipped-done")
+
+    @property
+    def summary_path(self) -> Path:
+        return self.out_dir / SUMMARY_NAME
+
+
+@dataclass
+class _Prepared:
+    """A scan after the read-ahead step: either done already, read, or failed to read."""
+
+    scan: ScanInput
+    input_sha256: str | None = None
+    key: str | None = None
+    record: dict | None = None  # the finished record when the scan is already done
+    volume: Any = None
+    read_seconds: float = 0.0
+    error: BaseException | None = None
+
+
+def _outputs_of(scan_id: str, out_dir: Path) -> list[Path]:
+    return [out_dir / f"{scan_id}_lung_mask.nii.gz", out_dir / f"{scan_id}_montage.png"]
+
+
+def _row_from_record(record: dict, scan: ScanInput) -> dict[str, Any]:
+    """Summary row of a finished scan, rebuilt from its ``<id>.json`` record."""
+    det = record.get("detection") or {}
+    sev = record.get("severity") or {}
+    slices = record.get("slices") or {}
+
+    def r(v):
+        return None if v is None else round(float(v), 4)
+
+    row = {
+        "scan_id": scan.scan_id,
+        "path": str(scan.path),
+        "status": "skipped-done",
+        "reason": "already done with the same input and models (use --force to recompute)",
+        "slices_read": slices.get("read"),
+        "slices_kept": slices.get("kept"),
+        "lung_volume_ml": r(record.get("lung_volume_ml")),
+        "covid_probability": r(det.get("covid_probability")),
+        "covid_probability_spread": r(det.get("covid_probability_spread")),
+        "prediction": det.get("prediction"),
+        "severity": sev.get("grade"),
+    }
+    for name, p in (sev.get("probabilities") or {}).items():
+        row[f"p_{name}"] = r(p)
+    return row
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, CTInputError):
+        return str(e)
+    return f"{type(e).__name__}: {e}"  # unexpected: keep the type so the row is searchable
+
+
+def run_batch(
+    inputs: Iterable[str | os.PathLike] | Sequence[ScanInput],
+    out_dir: str | os.PathLike,
+    pipeline: CTCovidPipeline,
+    force: bool = False,
+    workers: int = 1,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> BatchReport:
+    """Run ``pipeline`` on every scan of ``inputs`` and write the outputs into ``out_dir``.
+
+    Args:
+        inputs: paths (files, scan folders, parent folders) or already discovered :class:`ScanInput`.
+        out_dir: output folder (created).
+        pipeline: a loaded :class:`CTCovidPipeline`.
+        force: recompute scans that are already done.
+        workers: scans read ahead in background threads (0 reads in the calling thread).
+        progress: show tqdm bars (scans, and stages of the current scan) on stderr.
+        log: where per-scan failure messages go (default: ``tqdm.write`` to stderr).
+
+    Returns:
+        A :class:`BatchReport` whose rows are also in ``out_dir/summary.csv``.
+
+    Raises:
+        FileNotFoundError: an input path does not exist (nothing is run).
+    """
+    from tqdm.auto import tqdm
+
+    items = list(inputs)
+    scans = items if items and all(isinstance(i, ScanInput) for i in items) else discover_scans(items)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report = BatchReport(out_dir=out)
+    say = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
+    # what decides results: bundle, version and weight hash per stage (not paths or status wording)
+    versions = {
+        stage: {k: v.get(k) for k in ("bundle", "version", "weights_sha256")}
+        for stage, v in pipeline.model_versions().items()
+    }
+    options = pipeline.options()
+
+    def prepare(scan: ScanInput) -> _Prepared:
+        p = _Prepared(scan)
+        try:
+            p.input_sha256 = hash_input(scan.path)
+            p.key = resume_key(p.input_sha256, versions, options)
+            if not force:
+                p.record = load_done_record(
+                    out / f"{scan.scan_id}.json", p.key, _outputs_of(scan.scan_id, out)
+                )
+                if p.record is not None:
+                    return p
+            t = time.perf_counter()
+            p.volume = pipeline.read(scan.path)
+            p.read_seconds = time.perf_counter() - t
+        except Exception as e:  # recorded as a failed scan; the run goes on
+            p.error = e
+        return p
+
+    def write_summary() -> None:
+        extra: list[str] = []
+        for row in report.rows:
+            extra += [k for k in row if k not in SUMMARY_FIELDS and k not in extra]
+        write_csv_atomic(report.rows, list(SUMMARY_FIELDS) + extra, report.summary_path)
+
+    bar = tqdm(total=len(scans), desc="scans", unit="scan", disable=not progress, file=sys.stderr)
+    stage_bar = tqdm(
+        total=0, desc="stages", leave=False, disable=not progress, file=sys.stderr, bar_format="{desc}"
+    )
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ctcovid-read") if workers > 0 else None
+    queue: deque[Future | _Prepared] = deque()
+    pending = iter(scans)
+
+    def refill() -> None:
+        # at most `workers` scans read ahead: bounded memory however many scans there are
+        while len(queue) < max(workers, 1):
+            scan = next(pending, None)
+            if scan is None:
+                return
+            queue.append(pool.submit(prepare, scan) if pool else prepare(scan))
+
+    try:
+        refill()
+        while queue:
+            head = queue.popleft()
+            prep = head.result() if isinstance(head, Future) else head
+            refill()
+            scan = prep.scan
+            bar.set_postfix_str(scan.scan_id)
+            if prep.record is not None:
+                report.rows.append(_row_from_record(prep.record, scan))
+            else:
+                row = _process_one(pipeline, prep, out, stage_bar, say)
+                report.rows.append(row)
+            write_summary()
+            bar.update(1)
+        write_summary()  # an empty run still gets its (header-only) summary
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        stage_bar.close()
+        bar.close()
+    return report
+
+
+def _process_one(pipeline: CTCovidPipeline, prep: _Prepared, out: Path, stage_bar, say) -> dict[str, Any]:
+    scan = prep.scan
+    try:
+        if prep.error is not None:
+            raise prep.error
+        result = pipeline.process(
+            prep.volume,
+            path=scan.path,
+            scan_id=scan.scan_id,
+            read_seconds=prep.read_seconds,
+            on_stage=lambda s: stage_bar.set_description_str(f"  {scan.scan_id}: {s}"),
+        )
+        result.input_sha256 = prep.input_sha256
+        result.resume_key = prep.key
+        t = time.perf_counter()
+        result.timings_s["outputs"] = 0.0
+        stage_bar.set_description_str(f"  {scan.scan_id}: writing outputs")
+        result.save(out)  # JSON written last: the commit mark for resume
+        result.timings_s["outputs"] = time.perf_counter() - t
+        write_json_atomic(result.to_dict(), out / f"{scan.scan_id}.json")  # with the output timing
+        return result.summary_row()
+    except Exception as e:
+        failed = CTResult(
+            scan_id=scan.scan_id,
+            path=str(scan.path),
+            status="failed",
+            reason=_reason(e),
+            input_sha256=prep.input_sha256,
+            models=pipeline.model_versions(),
+        )
+        if not isinstance(e, CTInputError):
+            say(f"{scan.scan_id}: unexpected error\n{''.join(traceback.format_exception(e))}")
+        say(f"failed: {failed.reason}")
+        try:
+            for stale in _outputs_of(scan.scan_id, out):  # from an earlier success on other content
+                stale.unlink(missing_ok=True)
+            failed.save(out)
+        except OSError as write_error:  # the summary row still records the failure
+            say(f"{scan.scan_id}: could not write its record: {write_error}")
+        return failed.summary_row()
+    finally:
+        prep.volume = None  # free the volume before the next scan

@@ -1,0 +1,771 @@
+"""The end-to-end CT pipeline: scan on disk -> lung mask, COVID-19 probability, severity grade.
+
+Stages, in one process and without intermediate files (CNR-IEMN COV19D approach)::
+
+    read (ctcovid.io.load_ct) -> normalise intensity to [0, 1] by domain (HU lung window / display percentiles)
+    slice filter   ResNeXt-50 per slice -> kept lung slices        (bundle ct_lung_slice_filter)
+                   or, without its weights, lung-mask area per slice (LungSlicesFromMask)
+    segmentation   Attention U-Net per slice, batched -> lung mask  (bundle ct_lung_segmentation)
+    detection      kept slices resampled to 64x224x224 (lung-masked if the bundle's ``mask_lung`` says so)
+                   -> ensemble P(COVID-19) + member spread, and the Grad-CAM of every member averaged
+                                                                     (bundle ct_covid_classification)
+    severity       kept slices, lung-masked, 32+16 x 299x299 -> ensemble P(mild..critical)
+                   on scans predicted COVID-19, or on all with severity="always"
+                                                                     (bundle ct_covid_severity_classification)
+
+Each network comes from its bundle (``network_def`` of ``configs/inference.json`` + ``models/model.pt``,
+see :mod:`ctcovid.pipelines.bundles`). What the bundle defines, the pipeline reads from it rather than
+from constants here: input sizes (``spatial_size``, metadata ``spatial_shape``, stack depths from the
+instantiated networks), class names, ``mask_lung``, the slice-filter ``threshold``, ``lung_min_area``,
+``NormalizeCTIntensityd`` arguments and the segmenter's label clean-up (``KeepLargestConnectedComponentd``). Use :class:`CTCovidPipeline` from Python and
+:func:`ctcovid.pipelines.batch.run_batch` (``ctcovid predict``) for folders of scans with outputs on disk.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ctcovid.io.errors import CTInputError, NoLungSlicesError
+
+from .bundles import StageModel, load_stage
+
+__all__ = [
+    "CTCovidPipeline",
+    "CTResult",
+    "DEFAULT_BUNDLES",
+    "SEVERITY_MODES",
+    "STAGES",
+    "resolve_device",
+]
+
+#: Bundle of each network stage.
+DEFAULT_BUNDLES = {
+    "slice_filter": "ct_lung_slice_filter",
+    "segmentation": "ct_lung_segmentation",
+    "detection": "ct_covid_classification",
+    "severity": "ct_covid_severity_classification",
+}
+
+#: Stages in run order (``read`` includes intensity normalisation; ``gradcam`` explains ``detection``).
+STAGES = ("read", "slice_filter", "segmentation", "detection", "gradcam", "severity")
+
+#: ``"covid"``: grade severity only on scans predicted COVID-19; ``"always"``: on every scan; ``"never"``.
+SEVERITY_MODES = ("covid", "always", "never")
+
+#: Detection/severity class names used when a bundle's metadata gives no ``channel_def``.
+_DEFAULT_DETECTION_CLASSES = ("non-COVID-19", "COVID-19")
+_DEFAULT_SEVERITY_CLASSES = ("mild", "moderate", "severe", "critical")
+
+
+#: Label-map clean-up transforms of the segmenter bundle's postprocessing that the pipeline applies too.
+_MASK_POSTPROCESSING = ("KeepLargestConnectedComponentd", "RemoveSmallObjectsd", "FillHolesd", "LabelFilterd")
+
+#: Arguments of ``NormalizeCTIntensity(d)`` taken over from a bundle's preprocessing.
+_NORM_ARGS = ("domain", "center", "width", "lower", "upper", "ignore_zeros")
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> CUDA when available else CPU; ``"cpu"``, ``"cuda"``, ``"cuda:1"`` as given.
+
+    Raises ``ValueError`` for an unknown name or CUDA requested on a machine without it.
+    """
+    if isinstance(device, torch.device):
+        return device
+    name = str(device).strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"unknown device {device!r} (use cpu, cuda, cuda:N or auto)") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available (use --device cpu or auto)")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {device!r} (use cpu, cuda, cuda:N or auto)")
+    return dev
+
+
+def _covid_index(names: Sequence[str]) -> int:
+    """Index of the COVID-19 class among ``names`` (class 1 if the names do not say)."""
+    for i, n in enumerate(names):
+        key = "".join(ch for ch in n.lower() if ch.isalnum())
+        if key in ("covid", "covid19", "positive"):
+            return i
+    return 1
+
+
+@dataclass
+class CTResult:
+    """Everything the pipeline found for one scan.
+
+    Scalars and lists go into :meth:`to_dict` (the ``<scan>.json`` record). The arrays (``lung_mask``,
+    ``image``, ``heatmap``, ``affine``) are for writing the mask and montage (:meth:`save`) and for
+    notebooks; they are not in the record.
+
+    Attributes (shapes refer to the input scan ``(X, Y, Z)``, Z = slices):
+        status: ``"ok"`` or ``"failed"`` (``reason`` then says why).
+        kept_slices: indices (along Z) of the slices judged to contain lung, ascending.
+        slice_selection: ``"slice_filter"`` (ResNeXt) or ``"lung_mask_area"`` (fallback without its weights).
+        lung_volume_ml: lung mask voxel count x voxel volume / 1000 (``None`` when spacing is unknown,
+            e.g. slice-image folders, where ``lung_voxels`` still counts the mask).
+        covid_probability / covid_probability_spread: mean and population standard deviation over the
+            detection members of P(COVID-19); ``None`` when detection was skipped.
+        severity_probabilities / severity_spread: per class, same convention; ``None`` when not graded.
+        stages: per stage ``"ok"``, ``"skipped: <why>"`` or ``"not run: <why>"``.
+        models: per stage ``{bundle, version, weights_sha256, status}``.
+        timings_s: seconds per stage.
+    """
+
+    scan_id: str
+    path: str
+    status: str = "ok"
+    reason: str | None = None
+    source_format: str | None = None
+    series_uid: str | None = None
+    input_sha256: str | None = None
+    shape: list[int] | None = None
+    spacing_mm: list[float] | None = None
+    spacing_known: bool | None = None
+    intensity_domain: str | None = None
+    slices_read: int | None = None
+    kept_slices: list[int] = field(default_factory=list)
+    slice_selection: str | None = None
+    lung_voxels: int | None = None
+    lung_volume_ml: float | None = None
+    covid_probability: float | None = None
+    covid_probability_spread: float | None = None
+    covid_member_probabilities: list[float] | None = None
+    covid_threshold: float | None = None
+    prediction: str | None = None
+    severity_probabilities: dict[str, float] | None = None
+    severity_spread: dict[str, float] | None = None
+    severity: str | None = None
+    gradcam_layer: str | None = None
+    stages: dict[str, str] = field(default_factory=dict)
+    models: dict[str, dict] = field(default_factory=dict)
+    timings_s: dict[str, float] = field(default_factory=dict)
+    resume_key: str | None = None
+    outputs: dict[str, str] = field(default_factory=dict)
+    lung_mask: np.ndarray | None = field(default=None, repr=False)  # (X, Y, Z) uint8
+    image: np.ndarray | None = field(default=None, repr=False)  # (X, Y, Z) float32 in [0, 1]
+    heatmap: np.ndarray | None = field(default=None, repr=False)  # (X, Y) float32 in [0, 1]
+    affine: np.ndarray | None = field(default=None, repr=False)  # (4, 4) index -> RAS mm
+
+    @property
+    def slices_kept(self) -> int:
+        return len(self.kept_slices)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready record (what ``<scan>.json`` holds)."""
+        from ctcovid import __version__
+
+        detection = None
+        if self.covid_probability is not None:
+            detection = {
+                "covid_probability": self.covid_probability,
+                "covid_probability_spread": self.covid_probability_spread,
+                "member_probabilities": self.covid_member_probabilities,
+                "threshold": self.covid_threshold,
+                "prediction": self.prediction,
+                "gradcam_layer": self.gradcam_layer,
+            }
+        severity = None
+        if self.severity_probabilities is not None:
+            severity = {
+                "grade": self.severity,
+                "probabilities": self.severity_probabilities,
+                "spread": self.severity_spread,
+            }
+        return {
+            "scan": {
+                "id": self.scan_id,
+                "path": self.path,
+                "format": self.source_format,
+                "series_uid": self.series_uid or None,
+                "input_sha256": self.input_sha256,
+                "shape": self.shape,
+                "spacing_mm": self.spacing_mm,
+                "spacing_known": self.spacing_known,
+                "intensity_domain": self.intensity_domain,
+            },
+            "status": self.status,
+            "reason": self.reason,
+            "slices": {
+                "read": self.slices_read,
+                "kept": self.slices_kept,
+                "kept_indices": list(self.kept_slices),
+                "selection": self.slice_selection,
+            },
+            "lung_voxels": self.lung_voxels,
+            "lung_volume_ml": self.lung_volume_ml,
+            "detection": detection,
+            "severity": severity,
+            "stages": dict(self.stages),
+            "models": dict(self.models),
+            "timings_s": {k: round(v, 4) for k, v in self.timings_s.items()},
+            "outputs": dict(self.outputs),
+            "resume_key": self.resume_key,
+            "ctcovid_version": __version__,
+        }
+
+    def save(self, out_dir: str | os.PathLike, montage: bool = True) -> dict[str, Path]:
+        """Write ``<id>_lung_mask.nii.gz``, ``<id>_montage.png`` and then ``<id>.json`` into ``out_dir``.
+
+        Each file is written atomically; the JSON goes last, so its presence means the others are complete
+        (the resume check relies on that). A failed result writes only its JSON record.
+        """
+        from .montage import pick_montage_slices, save_montage_png
+        from .outputs import write_json_atomic, write_nifti_atomic
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        written: dict[str, Path] = {}
+        if self.status == "ok" and self.lung_mask is not None and self.affine is not None:
+            written["lung_mask"] = write_nifti_atomic(
+                self.lung_mask.astype(np.uint8), self.affine, out / f"{self.scan_id}_lung_mask.nii.gz"
+            )
+        if self.status == "ok" and montage and self.image is not None and self.lung_mask is not None:
+            title, note = self._montage_heading()
+            written["montage"] = save_montage_png(
+                out / f"{self.scan_id}_montage.png",
+                self.image,
+                self.lung_mask,
+                pick_montage_slices(self.kept_slices),
+                affine=self.affine,
+                heatmap=self.heatmap,
+                title=title,
+                note=note,
+            )
+        self.outputs = {k: p.name for k, p in written.items()}
+        self.outputs["record"] = f"{self.scan_id}.json"
+        written["record"] = write_json_atomic(self.to_dict(), out / f"{self.scan_id}.json")
+        return written
+
+    def _montage_heading(self) -> tuple[str, str]:
+        parts = [self.scan_id, f"{self.slices_kept}/{self.slices_read} slices kept ({self.slice_selection})"]
+        if self.lung_volume_ml is not None:
+            parts.append(f"lung {self.lung_volume_ml:.0f} ml")
+        if self.covid_probability is not None:
+            parts.append(
+                f"P(COVID-19) {self.covid_probability:.3f} ± {self.covid_probability_spread:.3f} -> {self.prediction}"
+            )
+        if self.severity is not None:
+            parts.append(f"severity {self.severity}")
+        notes = ["green: lung contour"]
+        if self.heatmap is not None:
+            notes.append("colour: Grad-CAM of the detection ensemble (mean over members, one map per scan)")
+        elif self.stages.get("detection", "").startswith("skipped"):
+            bundle = self.models.get("detection", {}).get("bundle", "detection bundle")
+            notes.append(
+                f"detection skipped ({bundle} has no trained weights): lung contour only, no Grad-CAM"
+            )
+        else:
+            notes.append(f"no Grad-CAM ({self.stages.get('gradcam', 'not run')})")
+        return " | ".join(parts), "; ".join(notes)
+
+    def summary_row(self) -> dict[str, Any]:
+        """One ``summary.csv`` row (key numbers; probabilities rounded to 4 decimals)."""
+
+        def r(v: float | None) -> float | None:
+            return None if v is None else round(float(v), 4)
+
+        row: dict[str, Any] = {
+            "scan_id": self.scan_id,
+            "path": self.path,
+            "status": self.status,
+            "reason": self.reason,
+            "slices_read": self.slices_read,
+            "slices_kept": self.slices_kept if self.status == "ok" else None,
+            "lung_volume_ml": r(self.lung_volume_ml),
+            "covid_probability": r(self.covid_probability),
+            "covid_probability_spread": r(self.covid_probability_spread),
+            "prediction": self.prediction,
+            "severity": self.severity,
+        }
+        for name, p in (self.severity_probabilities or {}).items():
+            row[f"p_{name}"] = r(p)
+        return row
+
+
+@contextmanager
+def _timed(res: CTResult, stage: str):
+    """Record the seconds a stage takes in ``res.timings_s`` and mark it ``ok`` when it finishes."""
+    t = time.perf_counter()
+    yield
+    res.timings_s[stage] = time.perf_counter() - t
+    if stage != "normalize":
+        res.stages[stage] = "ok"
+
+
+class _NormalizedViews:
+    """The volume normalised to [0, 1] with each stage's own ``NormalizeCTIntensity`` settings, computed
+    once per distinct setting (usually all stages share one)."""
+
+    def __init__(self, volume, args_by_stage: dict[str, dict]) -> None:
+        self.volume = volume
+        self.args_by_stage = args_by_stage
+        self.cache: dict[tuple, torch.Tensor] = {}
+
+    def get(self, stage: StageModel) -> torch.Tensor:
+        from ctcovid.transforms import NormalizeCTIntensity
+
+        args = self.args_by_stage.get(stage.stage) or {}
+        key = tuple(sorted(args.items()))
+        if key not in self.cache:
+            out = NormalizeCTIntensity(**args)(self.volume)
+            out = out.as_tensor() if hasattr(out, "as_tensor") else torch.as_tensor(out)
+            self.cache[key] = out.float().contiguous()
+        return self.cache[key]
+
+
+class CTCovidPipeline:
+    """COVID-19 detection and severity grading for one CT scan at a time (networks loaded once).
+
+    Args:
+        bundle_dir: folder holding the bundles (default :func:`ctcovid.bundle.bundles_root`).
+        device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        batch_size: slices per forward pass in the slice-level stages (slice filter, segmentation).
+        severity: one of :data:`SEVERITY_MODES`.
+        skip_missing: stages whose bundle has no ``models/model.pt`` are skipped (reported in every
+            result) instead of raising :class:`~ctcovid.pipelines.bundles.MissingWeightsError`. The
+            slice filter is optional anyway (lung-mask area decides without it); the lung segmenter is
+            always required.
+        allow_2d: accept single-slice inputs (one DICOM file, one image) as 1-slice scans.
+        covid_threshold: P(COVID-19) at or above which a scan is predicted COVID-19.
+        gradcam: compute the Grad-CAM heat map of the detection ensemble.
+        slice_threshold: lung probability at or above which the slice filter keeps a slice; default: the
+            slice-filter bundle's ``threshold``, else 0.5.
+        min_lung_area: without slice-filter weights, a slice is lung when its mask covers at least this
+            fraction of the slice (:class:`ctcovid.transforms.LungSlicesFromMask`); default: the
+            detection bundle's ``lung_min_area`` (the rule its training data went through), else 0.01.
+        bundles: override the bundle name of a stage, e.g. ``{"detection": "my_detector"}``.
+
+    Calling the pipeline on a path returns a :class:`CTResult` and raises a
+    :class:`~ctcovid.io.errors.CTInputError` subclass for unusable input (no lung slices included).
+    """
+
+    def __init__(
+        self,
+        bundle_dir: str | os.PathLike | None = None,
+        device: str | torch.device = "auto",
+        batch_size: int = 16,
+        severity: str = "covid",
+        skip_missing: bool = False,
+        allow_2d: bool = False,
+        covid_threshold: float = 0.5,
+        gradcam: bool = True,
+        slice_threshold: float | None = None,
+        min_lung_area: float | None = None,
+        bundles: dict[str, str] | None = None,
+    ) -> None:
+        if severity not in SEVERITY_MODES:
+            raise ValueError(f"severity must be one of {SEVERITY_MODES}, got {severity!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = resolve_device(device)
+        self.batch_size = int(batch_size)
+        self.severity_mode = severity
+        self.allow_2d = bool(allow_2d)
+        self.covid_threshold = float(covid_threshold)
+        self.use_gradcam = bool(gradcam)
+        names = {**DEFAULT_BUNDLES, **(bundles or {})}
+        self.bundle_dir = bundle_dir
+        # the slice filter is optional by design (issue 5): without weights the mask area decides
+        self.slice_filter = load_stage(
+            "slice_filter", names["slice_filter"], bundle_dir, self.device, skip_missing=True
+        )
+        self.segmenter = load_stage(
+            "segmentation", names["segmentation"], bundle_dir, self.device, skip_missing=False
+        )
+        self.detector = load_stage("detection", names["detection"], bundle_dir, self.device, skip_missing)
+        self.grader = load_stage("severity", names["severity"], bundle_dir, self.device, skip_missing)
+        self._seg_size = self._segmentation_size()
+        self._mask_post = self._mask_postprocessing()
+        # each stage normalises intensities as its bundle's preprocessing does (NormalizeCTIntensityd args)
+        self._norm_args = {
+            stage: m.transform_args("NormalizeCTIntensityd", _NORM_ARGS) or {}
+            for stage, m in self.stage_models.items()
+            if m.available
+        }
+        if slice_threshold is None:
+            slice_threshold = self.slice_filter.config_value("threshold", default=0.5)
+        self.slice_threshold = float(slice_threshold)
+        if min_lung_area is None:
+            min_lung_area = self.detector.config_value("lung_min_area", default=0.01)
+        self.min_lung_area = float(min_lung_area)
+
+    # ------------------------------------------------------------------ provenance
+    @property
+    def stage_models(self) -> dict[str, StageModel]:
+        return {
+            "slice_filter": self.slice_filter,
+            "segmentation": self.segmenter,
+            "detection": self.detector,
+            "severity": self.grader,
+        }
+
+    def model_versions(self) -> dict[str, dict]:
+        """Per stage ``{bundle, version, weights_sha256, status}`` (part of every result and resume key)."""
+        return {stage: m.provenance() for stage, m in self.stage_models.items()}
+
+    def options(self) -> dict[str, Any]:
+        """Options that change results (part of the resume key)."""
+        return {
+            "severity": self.severity_mode,
+            "allow_2d": self.allow_2d,
+            "covid_threshold": self.covid_threshold,
+            "gradcam": self.use_gradcam,
+            "slice_threshold": self.slice_threshold,
+            "min_lung_area": self.min_lung_area,
+        }
+
+    def skipped_stages(self) -> dict[str, str]:
+        """``{stage: why}`` for network stages that will not run for lack of weights."""
+        return {stage: m.skipped for stage, m in self.stage_models.items() if not m.available}
+
+    # ------------------------------------------------------------------ running
+    def read(self, path: str | os.PathLike):
+        """Read a scan with :func:`ctcovid.io.load_ct` -> ``MetaTensor`` (1, X, Y, Z)."""
+        from ctcovid.io import load_ct
+
+        volume = load_ct(path, allow_2d=self.allow_2d)
+        return getattr(volume, "image", volume)  # a CTVolume wrapper or the MetaTensor itself
+
+    def __call__(self, path: str | os.PathLike, scan_id: str | None = None) -> CTResult:
+        """Run every stage on the scan at ``path``; raises ``CTInputError`` for unusable input."""
+        t0 = time.perf_counter()
+        volume = self.read(path)
+        return self.process(volume, path=path, scan_id=scan_id, read_seconds=time.perf_counter() - t0)
+
+    def process(
+        self,
+        volume,
+        path: str | os.PathLike | None = None,
+        scan_id: str | None = None,
+        read_seconds: float | None = None,
+        on_stage: Callable[[str], None] | None = None,
+    ) -> CTResult:
+        """Run the network stages on a volume from :meth:`read`.
+
+        Args:
+            volume: ``MetaTensor`` (1, X, Y, Z) with the :mod:`ctcovid.io` metadata.
+            path: the input path to record (default: the volume's ``filename_or_obj``).
+            scan_id: id for outputs (default: derived from the path).
+            read_seconds: reading time to record under ``timings_s["read"]``.
+            on_stage: called with each stage name as it starts (progress bars).
+
+        Raises:
+            NoLungSlicesError: neither the slice filter nor the lung mask finds a lung slice.
+        """
+        meta = getattr(volume, "meta", {})
+        src = os.fspath(path) if path is not None else str(meta.get("filename_or_obj", ""))
+        if volume.ndim != 4 or volume.shape[0] != 1:
+            raise CTInputError(
+                src, f"expected a (1, X, Y, Z) volume from the reader, got {tuple(volume.shape)}"
+            )
+        if scan_id is None:
+            from .scans import _scan_name
+
+            scan_id = _scan_name(Path(src)) if src else "scan"
+        notify = on_stage or (lambda _s: None)
+        res = CTResult(
+            scan_id=scan_id, path=src, models=self.model_versions(), covid_threshold=self.covid_threshold
+        )
+        if read_seconds is not None:
+            res.timings_s["read"] = read_seconds
+        res.stages["read"] = "ok"
+        self._describe(res, volume, meta)
+        norm = _NormalizedViews(volume, self._norm_args)
+
+        with _timed(res, "normalize"):
+            image = norm.get(self.segmenter)  # (1, X, Y, Z) in [0, 1]
+        res.image = image[0].numpy()
+
+        # 1) slice filter network, before segmentation as in the paper (optional: else the mask area decides)
+        slice_prob = None
+        if self.slice_filter.available:
+            notify("slice_filter")
+            with _timed(res, "slice_filter"):
+                slice_prob = self._slice_filter_probabilities(norm.get(self.slice_filter))
+            res.slice_selection = "slice_filter"
+        else:
+            res.stages["slice_filter"] = f"skipped: {self.slice_filter.skipped}; lung-mask area decides"
+            res.slice_selection = "lung_mask_area"
+
+        # 2) lung segmentation of every slice: the mask is an output in the input's geometry
+        notify("segmentation")
+        with _timed(res, "segmentation"):
+            res.lung_mask = self._segment(image)  # (X, Y, Z) uint8
+        res.lung_voxels = int(res.lung_mask.sum())
+        if res.spacing_known:
+            res.lung_volume_ml = res.lung_voxels * float(np.prod(res.spacing_mm)) / 1000.0
+        res.kept_slices = self._select_slices(res, image, slice_prob, src)
+        keep = torch.as_tensor(res.kept_slices)
+        kept_mask = torch.from_numpy(res.lung_mask).index_select(2, keep)[None].float()  # (1, X, Y, K)
+
+        # 3) detection ensemble + Grad-CAM
+        if self.detector.available:
+            notify("detection")
+            with _timed(res, "detection"):
+                x = self._detection_input(norm.get(self.detector).index_select(3, keep), kept_mask)
+                class_index = self._detect(res, x)
+            if self.use_gradcam:
+                notify("gradcam")
+                with _timed(res, "gradcam"):
+                    res.heatmap, res.gradcam_layer = self._gradcam(x, class_index, res.shape[:2])
+            else:
+                res.stages["gradcam"] = "not run: disabled"
+        else:
+            res.stages["detection"] = f"skipped: {self.detector.skipped}"
+            res.stages["gradcam"] = "not run: detection skipped"
+
+        # 4) severity ensemble (on predicted COVID-19 unless severity="always")
+        run_severity, why_not = self._should_grade(res)
+        if run_severity:
+            notify("severity")
+            with _timed(res, "severity"):
+                self._grade(res, self._severity_input(norm.get(self.grader).index_select(3, keep), kept_mask))
+        else:
+            res.stages["severity"] = why_not
+        return res
+
+    # ------------------------------------------------------------------ stage internals
+    def _should_grade(self, res: CTResult) -> tuple[bool, str]:
+        if not self.grader.available:
+            return False, f"skipped: {self.grader.skipped}"
+        if self.severity_mode == "never":
+            return False, "not run: severity='never'"
+        if self.severity_mode == "always":
+            return True, ""
+        if res.covid_probability is None:
+            return False, "not run: no detection result to decide on (use severity='always')"
+        if res.prediction != "COVID-19":
+            return (
+                False,
+                f"not run: predicted non-COVID-19 (P={res.covid_probability:.3f} < {self.covid_threshold})",
+            )
+        return True, ""
+
+    @staticmethod
+    def _describe(res: CTResult, volume, meta: dict) -> None:
+        """Scan identity and geometry from the reader's metadata."""
+        res.source_format = meta.get("source_format")
+        res.series_uid = meta.get("series_instance_uid") or None
+        res.shape = [int(s) for s in volume.shape[1:]]
+        res.spacing_mm = [float(s) for s in meta.get("spacing", (1.0, 1.0, 1.0))]
+        res.spacing_known = bool(meta.get("spacing_known", True))
+        res.intensity_domain = meta.get("intensity_domain")
+        res.slices_read = int(volume.shape[-1])
+        res.affine = np.asarray(meta.get("original_affine", meta.get("affine", np.eye(4))), dtype=np.float64)
+
+    def _select_slices(self, res: CTResult, image: torch.Tensor, slice_prob, src: str) -> list[int]:
+        """Kept slice indices: slice-filter probabilities >= threshold, else lung-mask area >= min_lung_area."""
+        from monai.data import MetaTensor
+
+        from ctcovid.transforms import LungSlicesFromMask, SelectLungSlices, kept_slices_from_meta
+
+        mask = res.lung_mask
+        if slice_prob is None:
+            slice_prob = LungSlicesFromMask(min_area=self.min_lung_area)(torch.from_numpy(mask)[None])
+            threshold = 0.5  # the indicator is 0 / 1
+        else:
+            threshold = self.slice_threshold
+        try:
+            kept = SelectLungSlices(threshold)(MetaTensor(image, meta={"filename_or_obj": src}), slice_prob)
+        except NoLungSlicesError:
+            if res.slice_selection == "slice_filter":
+                raise
+            largest = int(mask.sum(axis=(0, 1)).max()) if mask.size else 0
+            raise NoLungSlicesError(
+                src,
+                f"no lung slices: the lung mask covers >= {100 * self.min_lung_area:g}% of the slice on none of "
+                f"{res.slices_read} slices (largest lung area {largest} of {mask.shape[0] * mask.shape[1]} pixels)",
+            ) from None
+        return kept_slices_from_meta(kept.meta)
+
+    def _detect(self, res: CTResult, x: torch.Tensor) -> int:
+        """Fill the detection fields from the ``(1, S, H, W)`` stack; returns the COVID-19 class index."""
+        with torch.inference_mode():
+            # one pass per member; mean and population std over members as
+            # ProbabilityEnsemble.predict_with_spread defines them, plus each member's own value
+            members = self.detector.network.member_probabilities(x.to(self.device)).float().cpu()
+        ci = _covid_index(self._class_names(self.detector, _DEFAULT_DETECTION_CLASSES))
+        p_covid = members[0, :, ci]  # (M,)
+        res.covid_probability = float(p_covid.mean())
+        res.covid_probability_spread = float(p_covid.std(correction=0))
+        res.covid_member_probabilities = [float(v) for v in p_covid]
+        res.prediction = "COVID-19" if res.covid_probability >= self.covid_threshold else "non-COVID-19"
+        return ci
+
+    def _grade(self, res: CTResult, x: torch.Tensor) -> None:
+        """Fill the severity fields from the ``(1, a + b, H, W)`` stacks."""
+        with torch.inference_mode():
+            mean, spread = self.grader.network.predict_with_spread(x.to(self.device))
+        mean, spread = mean.float().cpu(), spread.float().cpu()
+        names = self._class_names(self.grader, _DEFAULT_SEVERITY_CLASSES)
+        if len(names) != mean.shape[1]:
+            names = [f"class_{i}" for i in range(mean.shape[1])]
+        res.severity_probabilities = {n: float(p) for n, p in zip(names, mean[0])}
+        res.severity_spread = {n: float(v) for n, v in zip(names, spread[0])}
+        res.severity = names[int(mean[0].argmax())]
+
+    def _mask_postprocessing(self) -> list:
+        """Label-map clean-up transforms of the segmenter bundle's ``postprocessing`` (e.g.
+        ``KeepLargestConnectedComponentd``), instantiated from its config so the pipeline's mask is the
+        bundle's mask; activation, inversion, arg-max and saving are done here in-process instead."""
+        config = self.segmenter.config
+        if config is None or "postprocessing" not in config:
+            return []
+        raw = config["postprocessing"]
+        items = raw.get("transforms", []) if isinstance(raw, dict) else []
+        out = []
+        for i, item in enumerate(items):
+            target = str(item.get("_target_", "")) if isinstance(item, dict) else ""
+            if target.split(".")[-1] in _MASK_POSTPROCESSING:
+                transform = config.get_parsed_content(f"postprocessing#transforms#{i}")
+                if transform is not None:  # None: switched off by the config's "_disabled_"
+                    out.append(transform)
+        return out
+
+    def _segmentation_size(self) -> tuple[int, int]:
+        """In-plane size the segmenter runs at, from its bundle (metadata ``spatial_shape`` or config)."""
+        shape = (
+            self.segmenter.config_value("spatial_size", "image_size", "roi_size")
+            or self.segmenter.input_shape()
+        )
+        if not shape:
+            raise ValueError(
+                f"bundle {self.segmenter.bundle}: no input size (network_data_format.inputs.image.spatial_shape)"
+            )
+        return int(shape[-2]), int(shape[-1])
+
+    def _slice_batches(self, image: torch.Tensor, size: tuple[int, int]):
+        """Yield ``(start, batch)`` with ``batch`` (B, 1, H, W) slices resized to ``size`` on the device."""
+        vol = image[0]  # (X, Y, Z)
+        for start in range(0, vol.shape[-1], self.batch_size):
+            chunk = vol[:, :, start : start + self.batch_size].permute(2, 0, 1)[:, None]  # (B, 1, X, Y)
+            chunk = chunk.to(self.device)
+            if tuple(chunk.shape[-2:]) != size:
+                chunk = F.interpolate(chunk, size=size, mode="bilinear", align_corners=False)
+            yield start, chunk
+
+    def _slice_filter_probabilities(self, image: torch.Tensor) -> torch.Tensor:
+        """``(1, X, Y, Z)`` in [0, 1] -> ``(Z,)`` probability of the "lung" class per slice."""
+        size = self._stack_size(self.slice_filter, (224, 224))
+        names = [n.lower() for n in self._class_names(self.slice_filter, ("non-lung", "lung"))]
+        lung = names.index("lung") if "lung" in names else 1
+        out = []
+        with torch.inference_mode():
+            for _, batch in self._slice_batches(image, size):
+                out.append(torch.softmax(self.slice_filter.network(batch).float(), dim=1)[:, lung].cpu())
+        return torch.cat(out)
+
+    def _segment(self, image: torch.Tensor) -> np.ndarray:
+        """``(1, X, Y, Z)`` in [0, 1] -> ``(X, Y, Z)`` uint8 lung mask in the input grid.
+
+        Slices are resized to the segmenter's size, the class probabilities resized back (bilinear) and
+        arg-maxed there, as the bundle's ``Activationsd`` + ``Invertd`` + ``AsDiscreted`` do, so the mask
+        is as smooth as the probabilities rather than blocky. With two classes only P(lung) is resized
+        and thresholded at 0.5: the same decision (resizing is linear, so the two stay complementary)
+        at half the cost.
+        """
+        x_size = tuple(image.shape[1:3])
+        mask = np.zeros(tuple(image.shape[1:]), dtype=np.uint8)
+        with torch.inference_mode():
+            for start, batch in self._slice_batches(image, self._seg_size):
+                logits = self.segmenter.network(batch).float()
+                if logits.shape[1] == 2:
+                    prob = torch.sigmoid(logits[:, 1:] - logits[:, :1])  # = softmax(logits)[:, 1:]
+                else:
+                    prob = torch.softmax(logits, dim=1)
+                if tuple(prob.shape[-2:]) != x_size:
+                    prob = F.interpolate(prob, size=x_size, mode="bilinear", align_corners=False)
+                lab = prob[:, 0] > 0.5 if prob.shape[1] == 1 else prob.argmax(dim=1) > 0  # any lung label
+                lab = lab.to(torch.uint8).cpu().numpy()  # (B, X, Y)
+                mask[:, :, start : start + lab.shape[0]] = lab.transpose(1, 2, 0)
+        for transform in self._mask_post:  # the bundle's own label clean-up, on the whole 3D mask
+            d = transform({key: torch.from_numpy(mask)[None] for key in transform.keys})
+            mask = np.asarray(torch.as_tensor(d[transform.keys[0]])[0].cpu(), dtype=np.uint8)
+        return mask
+
+    @staticmethod
+    def _class_names(stage: StageModel, default: Sequence[str]) -> list[str]:
+        """Output class names: the bundle config's ``class_names``, else metadata ``channel_def``."""
+        names = stage.config_value("class_names") or stage.channel_names() or default
+        return [str(n) for n in names]
+
+    @staticmethod
+    def _stack_size(stage: StageModel, default: tuple[int, int]) -> tuple[int, int]:
+        """In-plane size of a stack network: config ``spatial_size``, else metadata ``spatial_shape``."""
+        shape = stage.config_value("spatial_size") or stage.input_shape() or default
+        return int(shape[-2]), int(shape[-1])
+
+    def _detection_input(self, kept_image: torch.Tensor, kept_mask: torch.Tensor) -> torch.Tensor:
+        """``(1, depth, H, W)``: kept slices resampled; lung-masked if the bundle's ``mask_lung`` says so."""
+        from ctcovid.transforms import BuildDetectionInput
+
+        depth = int(getattr(self.detector.network.members[0], "in_slices", 64))
+        size = self._stack_size(self.detector, (224, 224))
+        mask = kept_mask if self.detector.config_value("mask_lung", default=True) else None
+        return torch.as_tensor(BuildDetectionInput(depth=depth, spatial_size=size)(kept_image, mask))[None]
+
+    def _severity_input(self, kept_image: torch.Tensor, kept_mask: torch.Tensor) -> torch.Tensor:
+        """``(1, a + b, H, W)``: the two depth stacks; lung-masked unless the bundle's ``mask_lung`` is false."""
+        from ctcovid.transforms import BuildSeverityInput
+
+        member = self.grader.network.members[0]
+        depths = (int(getattr(member, "slices_a", 32)), int(getattr(member, "slices_b", 16)))
+        size = self._stack_size(self.grader, (299, 299))
+        mask = kept_mask if self.grader.config_value("mask_lung", default=True) else None
+        return torch.as_tensor(BuildSeverityInput(depths=depths, spatial_size=size)(kept_image, mask))[None]
+
+    def _gradcam_layer(self, member: torch.nn.Module) -> str:
+        """Target layer: the bundle's ``gradcam_target_layer`` or the member's ``gradcam_layer`` if set,
+        else the backbone's last feature block (DenseNet ``features.norm5``: last dense block + BN + ReLU)."""
+        configured = self.detector.config_value("gradcam_target_layer") or getattr(
+            member, "gradcam_layer", None
+        )
+        if configured:
+            return str(configured)
+        names = dict(member.named_modules())
+        for candidate in ("backbone.features.norm5", "backbone.features"):
+            if candidate in names:
+                return candidate
+        convs = [n for n, m in member.named_modules() if isinstance(m, torch.nn.Conv2d)]
+        return convs[-1]
+
+    def _gradcam(self, x: torch.Tensor, class_index: int, out_size: Sequence[int]) -> tuple[np.ndarray, str]:
+        """Mean Grad-CAM over the detection members for ``class_index`` -> ``(X, Y)`` map in [0, 1].
+
+        The stack's slices are the channels of one 2D input, so each member gives one in-plane map
+        ``(H, W)``; members are averaged (each map is already scaled to [0, 1]) and the mean is resized
+        to the scan's in-plane size (the stack was made by resizing whole slices, no cropping).
+        """
+        from ctcovid.visualize.gradcam import gradcam_heatmap
+
+        maps = []
+        layer = ""
+        for member in self.detector.network.members:
+            layer = self._gradcam_layer(member)
+            maps.append(
+                np.asarray(gradcam_heatmap(member, x.to(self.device), layer, class_index=class_index))
+            )
+        heat = torch.from_numpy(np.mean(maps, axis=0).astype(np.float32))[None, None]
+        heat = F.interpolate(
+            heat, size=tuple(int(s) for s in out_size), mode="bilinear", align_corners=False
+        )[0, 0]
+        heat = heat.clamp(0, 1).numpy()
+        if not math.isfinite(float(heat.sum())):
+            heat = np.nan_to_num(heat)
+        return heat, layer

@@ -1,0 +1,326 @@
+"""Class mappings and patient-level datalists for the ResNet-18, DETL and V-BreathNet chest X-ray bundles.
+
+All three bundles draw on ``<data>/cxr`` (``kermany/`` and ``ieee8023/``); datalist paths are relative to
+that folder (``kermany/train/NORMAL/...``, ``ieee8023/images/...``) so one ``data_root`` serves both sources.
+Patients are keyed ``kermany:<patient_hint>`` / ``ieee8023:<patientid>``; every split and fold is made with
+:func:`ctcovid.pipelines.cxr_data.group_split`, which never puts one patient in two parts.
+
+Label mappings (from ``kermany/labels.csv`` column ``label3`` and ``ieee8023/labels.csv`` columns
+``finding`` / ``coarse_class``; ieee8023 rows with finding ``todo`` (unlabelled) are never used):
+
+- ResNet-18 (:data:`RESNET18_CLASSES`): ``normal`` = Kermany normal + ieee8023 "No Finding";
+  ``COVID-19`` = ieee8023 findings starting with "COVID-19" (COVID-19, "COVID-19, ARDS").
+- DETL stage B (:data:`ctcovid.networks.DETL_TARGET_CLASSES`): ``normal`` as above; ``pneumonia`` = Kermany
+  bacterial + viral; ``COVID-19`` as above; ``other disease`` = every other labelled ieee8023 finding
+  (SARS, Varicella, Influenza, Streptococcus, Klebsiella, Legionella, Mycoplasma, Pneumocystis, Lipoid, ARDS,
+  unspecified Pneumonia). DETL stage A (source task, :data:`DETL_SOURCE_CLASSES`): ``normal`` vs ``disease``
+  on a patient half of Kermany (the ``source`` pool) that stage B never sees.
+- V-BreathNet (:data:`ctcovid.networks.VBREATHNET_CLASSES`): ``COVID-19`` as above; ``normal`` as above;
+  ``pneumonia`` = Kermany bacterial + viral + the ieee8023 non-COVID pneumonias (bacterial, fungal and viral
+  coarse classes, Lipoid and unspecified Pneumonia; ARDS alone is left out).
+
+Caveat (documented in every bundle): the classes are confounded with the source dataset (Kermany images are
+paediatric and 224x224 JPEG; ieee8023 images are adult, of mixed origin). A model may partly learn the
+source; the numbers are a demonstration that training works, not a clinical result.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from ctcovid.networks.detl import DETL_TARGET_CLASSES
+from ctcovid.networks.vbreathnet import VBREATHNET_CLASSES
+from ctcovid.pipelines.cxr_data import balanced_subset, default_data_root, group_split
+from ctcovid.pipelines.outputs import write_json_atomic
+
+__all__ = [
+    "RESNET18_CLASSES",
+    "DETL_SOURCE_CLASSES",
+    "cxr_records",
+    "resnet18_items",
+    "detl_items",
+    "vbreathnet_items",
+    "patient_kfold",
+    "load_parts",
+    "build_resnet18_datalist",
+    "build_detl_datalist",
+    "build_vbreathnet_datalist",
+    "count_classes",
+    "fold_parts",
+    "write_datalist",
+]
+
+RESNET18_CLASSES = ("normal", "COVID-19")
+DETL_SOURCE_CLASSES = ("normal", "disease")
+FRONTAL_VIEWS = ("PA", "AP", "AP Supine")
+
+
+def _read_csv(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: labels file not found (is data_root the shared 'cxr' folder?)")
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def cxr_records(cxr_root: str | os.PathLike) -> list[dict]:
+    """Every usable image of both sources: ``image`` (relative to ``cxr_root``), ``patient``, ``source``,
+    ``group`` (``normal`` / ``pneumonia`` / ``covid`` / ``other``) and ``finding`` (the raw label).
+
+    ``group`` is the coarse meaning the three mappings are built from: Kermany normal -> normal, Kermany
+    bacterial / viral -> pneumonia; ieee8023 "No Finding" -> normal, COVID-19* -> covid, any other labelled
+    finding -> other. ieee8023 rows must be present, frontal X-rays; ``todo`` rows are skipped.
+    """
+    root = Path(cxr_root)
+    out = []
+    for r in _read_csv(root / "kermany" / "labels.csv"):
+        out.append(
+            {
+                "image": f"kermany/{r['path']}",
+                "patient": f"kermany:{r['patient_hint']}",
+                "source": "kermany",
+                "group": "normal" if r["label3"] == "normal" else "pneumonia",
+                "finding": r["label3"],
+            }
+        )
+    for r in _read_csv(root / "ieee8023" / "labels.csv"):
+        if r.get("file_present", "True") != "True" or r.get("view") not in FRONTAL_VIEWS:
+            continue
+        finding = r["finding"]
+        if finding == "todo" or r.get("coarse_class") == "unlabeled":
+            continue
+        if finding == "No Finding":
+            group = "normal"
+        elif finding.startswith("COVID-19"):
+            group = "covid"
+        else:
+            group = "other"
+        out.append(
+            {
+                "image": f"ieee8023/{r['filename']}",
+                "patient": f"ieee8023:{r['patientid']}",
+                "source": "ieee8023",
+                "group": group,
+                "finding": finding,
+                "coarse_class": r.get("coarse_class", ""),
+            }
+        )
+    return out
+
+
+def _labelled(records: Sequence[dict], mapping: dict[tuple[str, str], int | Callable[[dict], int | None]]) -> list[dict]:
+    """Items of the records whose (source, group) the mapping labels (a class index, or a function of the
+    record returning one or ``None`` to leave it out); other records are left out."""
+    items = []
+    for r in records:
+        lab = mapping.get((r["source"], r["group"]))
+        if callable(lab):
+            lab = lab(r)
+        if lab is None:
+            continue
+        items.append({"image": r["image"], "label": int(lab), "patient": r["patient"], "finding": r["finding"]})
+    return items
+
+
+def resnet18_items(cxr_root: str | os.PathLike) -> list[dict]:
+    """ResNet-18 items: label 0 = normal, 1 = COVID-19 (see the module docstring for the mapping)."""
+    return _labelled(
+        cxr_records(cxr_root),
+        {("kermany", "normal"): 0, ("ieee8023", "normal"): 0, ("ieee8023", "covid"): 1},
+    )
+
+
+def detl_items(cxr_root: str | os.PathLike) -> list[dict]:
+    """DETL stage-B items, labels in :data:`~ctcovid.networks.DETL_TARGET_CLASSES` order
+    (0 normal, 1 other disease, 2 pneumonia, 3 COVID-19). Kermany items are also returned for stage A."""
+    idx = {c: i for i, c in enumerate(DETL_TARGET_CLASSES)}
+    return _labelled(
+        cxr_records(cxr_root),
+        {
+            ("kermany", "normal"): idx["normal"],
+            ("kermany", "pneumonia"): idx["pneumonia"],
+            ("ieee8023", "normal"): idx["normal"],
+            ("ieee8023", "covid"): idx["COVID-19"],
+            ("ieee8023", "other"): idx["other disease"],
+        },
+    )
+
+
+def _ieee_pneumonia(r: dict) -> int | None:
+    # ARDS alone is a syndrome, not a pneumonia; everything else labelled non-COVID in ieee8023 is one.
+    return None if r["finding"] == "ARDS" else VBREATHNET_CLASSES.index("pneumonia")
+
+
+def vbreathnet_items(cxr_root: str | os.PathLike) -> list[dict]:
+    """V-BreathNet items, labels in :data:`~ctcovid.networks.VBREATHNET_CLASSES` order
+    (0 COVID-19, 1 normal, 2 pneumonia)."""
+    c = VBREATHNET_CLASSES.index
+    return _labelled(
+        cxr_records(cxr_root),
+        {
+            ("ieee8023", "covid"): c("COVID-19"),
+            ("kermany", "normal"): c("normal"),
+            ("ieee8023", "normal"): c("normal"),
+            ("kermany", "pneumonia"): c("pneumonia"),
+            ("ieee8023", "other"): _ieee_pneumonia,
+        },
+    )
+
+
+def count_classes(items: Sequence[dict], class_names: Sequence[str]) -> dict:
+    """``{"images": {class: n}, "patients": n}`` of a list of items."""
+    counts = Counter(int(it["label"]) for it in items)
+    return {
+        "images": {c: counts.get(i, 0) for i, c in enumerate(class_names)},
+        "patients": len({it["patient"] for it in items}),
+    }
+
+
+def patient_kfold(items: Sequence[dict], k: int = 5, seed: int = 0) -> list[list[dict]]:
+    """Split ``items`` into ``k`` folds of about equal image count, stratified by the patient's label set,
+    with every patient's images in exactly one fold."""
+    if k < 2:
+        raise ValueError(f"k-fold cross-validation needs k >= 2, got {k}")
+    parts = group_split(items, {f"fold{i}": 1.0 for i in range(k)}, group_key="patient", seed=seed)
+    return [parts[f"fold{i}"] for i in range(k)]
+
+
+def load_parts(
+    datalist_file: str | os.PathLike,
+    parts: str | Sequence[str],
+    data_root: str | os.PathLike | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+) -> list[dict]:
+    """Items of one or more parts of a datalist, paths made absolute under ``data_root``.
+
+    Args:
+        datalist_file: a bundle's ``configs/datalist.json``.
+        parts: part name(s), e.g. ``"test"`` or ``["fold1", "fold2"]``.
+        data_root: the shared ``cxr`` folder (default ``$CTCOVID_DATA/cxr`` or ``../shared/data/cxr``).
+        limit: keep at most this many items, class-balanced round-robin (reduced CPU runs).
+        seed: seed of the reduced selection.
+    """
+    with open(datalist_file, encoding="utf-8") as f:
+        dl = json.load(f)
+    names = [parts] if isinstance(parts, str) else list(parts)
+    items: list[dict] = []
+    for p in names:
+        if not isinstance(dl.get(p), list):
+            known = [k for k, v in dl.items() if isinstance(v, list)]
+            raise KeyError(f"{datalist_file}: no part {p!r} (parts: {known})")
+        items.extend(dict(it) for it in dl[p])
+    if limit is not None and limit < len(items):
+        items = balanced_subset(items, int(limit), seed)
+    root = Path(data_root or default_data_root("cxr"))
+    for it in items:
+        it["image"] = str(root / it["image"])
+        it["name"] = Path(it["image"]).name
+    return items
+
+
+def fold_parts(k: int, held_out: int) -> tuple[list[str], str]:
+    """``(training part names, held-out part name)`` of fold ``held_out`` in a ``k``-fold datalist."""
+    if not 0 <= held_out < k:
+        raise ValueError(f"held_out must be in [0, {k - 1}], got {held_out}")
+    return [f"fold{i}" for i in range(k) if i != held_out], f"fold{held_out}"
+
+
+def _datalist(description: str, class_names: Sequence[str], parts: dict[str, list[dict]], **extra) -> dict:
+    return {
+        "description": description,
+        "class_names": list(class_names),
+        "paths_relative_to": "the shared cxr folder ($CTCOVID_DATA/cxr or ../shared/data/cxr)",
+        **extra,
+        "counts": {k: count_classes(v, class_names) for k, v in parts.items()},
+        **parts,
+    }
+
+
+def build_resnet18_datalist(cxr_root: str | os.PathLike, seed: int = 0) -> dict:
+    """Patient-level training / validation / test split (70 / 15 / 15 % of images) for the ResNet-18 bundle."""
+    fractions = {"training": 0.7, "validation": 0.15, "test": 0.15}
+    parts = group_split(resnet18_items(cxr_root), fractions, group_key="patient", seed=seed)
+    return _datalist(
+        "normal (Kermany normal + ieee8023 No Finding) vs COVID-19 (ieee8023), split by patient",
+        RESNET18_CLASSES,
+        parts,
+        split={"unit": "patient", "seed": seed, "fractions": fractions},
+    )
+
+
+def build_detl_datalist(cxr_root: str | os.PathLike, k: int = 5, seed: int = 0) -> dict:
+    """DETL datalist: stage-A parts from the Kermany *source* pool and ``k`` stage-B folds from the rest.
+
+    Kermany patients are halved (stratified) into a source pool (stage A: normal vs disease, split 85 / 15
+    into ``stage_a_training`` / ``stage_a_validation``) and a target pool, which with all ieee8023 images
+    forms the 4-class stage-B data split into ``fold0`` .. ``fold{k-1}`` by patient. No image (and no
+    patient) of the stage-B folds is seen by stage A, so every fold's held-out images are new to the whole
+    two-stage training.
+    """
+    items = detl_items(cxr_root)
+    kermany = [it for it in items if it["patient"].startswith("kermany:")]
+    ieee = [it for it in items if not it["patient"].startswith("kermany:")]
+    pools = group_split(kermany, {"source": 0.5, "target": 0.5}, group_key="patient", seed=seed)
+    normal = DETL_TARGET_CLASSES.index("normal")
+    source = [{**it, "label": 0 if it["label"] == normal else 1} for it in pools["source"]]
+    stage_a = group_split(source, {"stage_a_training": 0.85, "stage_a_validation": 0.15}, group_key="patient",
+                          seed=seed)
+    folds = patient_kfold(pools["target"] + ieee, k=k, seed=seed)
+    dl = _datalist(
+        f"DETL: stage A normal vs disease on half of the Kermany patients; stage B 4 classes, {k} folds by patient",
+        DETL_TARGET_CLASSES,
+        {f"fold{i}": f for i, f in enumerate(folds)},
+        source_class_names=list(DETL_SOURCE_CLASSES),
+        split={"unit": "patient", "seed": seed, "folds": k, "source_pool": "50% of Kermany patients"},
+    )
+    dl["stage_a_counts"] = {k2: count_classes(v, DETL_SOURCE_CLASSES) for k2, v in stage_a.items()}
+    dl.update(stage_a)
+    return dl
+
+
+def build_vbreathnet_datalist(
+    cxr_root: str | os.PathLike, seed: int = 0, quality_filter=None, loader=None
+) -> dict:
+    """V-BreathNet datalist: quality-curated images (:func:`ctcovid.transforms.curate`), then a patient-level
+    training / validation / test split (70 / 15 / 15 %). The removed images and why are listed under
+    ``curation``."""
+    from ctcovid.transforms.quality import ImageQualityFilter, curate
+
+    root = Path(cxr_root)
+    items = vbreathnet_items(root)
+    qf = quality_filter or ImageQualityFilter()
+    absolute = [{**it, "image": str(root / it["image"]), "rel": it["image"]} for it in items]
+    report = curate(absolute, qf, loader=loader)
+    kept = [{k: v for k, v in it.items() if k not in ("quality", "rel")} | {"image": it["rel"]} for it in report.kept]
+    fractions = {"training": 0.7, "validation": 0.15, "test": 0.15}
+    parts = group_split(kept, fractions, group_key="patient", seed=seed)
+    summary = report.summary()
+    summary["removed_by_label"] = {
+        VBREATHNET_CLASSES[int(k)]: v for k, v in summary["removed_by_label"].items() if k != ""
+    }
+    curation = {
+        "filter": {"blur_threshold": qf.blur_threshold, "contrast_range": list(qf.contrast_range or []),
+                   "analysis_size": qf.analysis_size},
+        "summary": summary,
+        "removed": [
+            {"image": it["rel"], "label": VBREATHNET_CLASSES[int(it["label"])], "reasons": it["quality"]["reasons"]}
+            for it in sorted(report.removed, key=lambda x: x["rel"])
+        ],
+    }
+    return _datalist(
+        "COVID-19 / normal / pneumonia, quality-curated (blur, contrast), split by patient",
+        VBREATHNET_CLASSES,
+        parts,
+        split={"unit": "patient", "seed": seed, "fractions": fractions},
+        curation=curation,
+    )
+
+
+def write_datalist(dl: dict, path: str | os.PathLike) -> Path:
+    """Write a datalist atomically (indented JSON)."""
+    return write_json_atomic(dl, path)

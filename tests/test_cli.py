@@ -1,0 +1,169 @@
+"""The ``ctcovid`` command line: predict / demo / info, exit codes and messages.
+
+Most tests call :func:`ctcovid.cli.main.main` in-process (same parser, same exit codes, no second torch
+import); ``ctcovid demo`` runs once as a real subprocess, as a user would run it.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import PROJECT_ROOT, data_path
+
+from ctcovid.cli.main import main
+from ctcovid.cli.predict import EXIT_MODELS, EXIT_OK, EXIT_SCANS_FAILED, EXIT_USAGE
+
+SEG_BUNDLE = "ct_lung_segmentation"
+DET_BUNDLE = "ct_covid_classification"
+SEV_BUNDLE = "ct_covid_severity_classification"
+FILTER_BUNDLE = "ct_lung_slice_filter"
+
+
+@pytest.fixture(scope="module")
+def seg_only_bundles(tmp_path_factory) -> Path:
+    """The shipped segmenter (linked) and the other CT bundles' configs without weights (cheap to load)."""
+    from ctcovid.bundle import bundles_root
+
+    seg = bundles_root() / SEG_BUNDLE
+    if not (seg / "models" / "model.pt").is_file():
+        pytest.skip(f"the lung segmenter has no shipped weights yet ({seg / 'models' / 'model.pt'})")
+    root = tmp_path_factory.mktemp("cli_bundles")
+    os.symlink(seg, root / SEG_BUNDLE)
+    for name in (FILTER_BUNDLE, DET_BUNDLE, SEV_BUNDLE):
+        shutil.copytree(bundles_root() / name / "configs", root / name / "configs")
+        (root / name / "models").mkdir()
+    return root
+
+
+def test_help_lists_commands_and_exit_codes(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["predict", "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert "exit codes:" in text and "--skip-missing" in text and "--severity" in text
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    for command in ("predict", "demo", "info"):
+        assert command in text
+
+
+def test_missing_input_is_a_usage_error(tmp_path, capsys):
+    missing = tmp_path / "no_such_scan.nii.gz"
+    code = main(["predict", str(missing), "--out", str(tmp_path / "out"), "--no-progress"])
+    assert code == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "ctcovid predict: error:" in err and str(missing) in err and "not found" in err
+    assert not (tmp_path / "out").exists()  # nothing was run
+
+
+def test_bad_option_values(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["predict", str(tmp_path), "--out", str(tmp_path / "o"), "--batch-size", "0"])
+    assert e.value.code == EXIT_USAGE
+    assert "--batch-size" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["predict", str(tmp_path), "--out", str(tmp_path / "o"), "--severity", "sometimes"])
+    assert e.value.code == EXIT_USAGE
+
+
+def test_missing_weights_error_names_the_bundle(seg_only_bundles, tmp_path, capsys):
+    scan = data_path("fixtures", "lungmask_testdata")
+    argv = [
+        "predict",
+        str(scan),
+        "--out",
+        str(tmp_path / "out"),
+        "--bundle-dir",
+        str(seg_only_bundles),
+        "--no-progress",
+    ]
+    assert main(argv) == EXIT_MODELS
+    err = capsys.readouterr().err
+    assert f"bundle {DET_BUNDLE}" in err and "train.json" in err and "--skip-missing" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_predict_corrupt_scan_exit_code_and_summary(seg_only_bundles, tmp_path, capsys):
+    good = data_path("fixtures", "lungmask_testdata")
+    bad = tmp_path / "bad_series"
+    bad.mkdir()
+    for i in range(3):
+        (bad / f"IM{i:04d}.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00" * 10)  # truncated DICOM
+    out = tmp_path / "out"
+    opts = ["--out", str(out), "--bundle-dir", str(seg_only_bundles), "--skip-missing", "--no-progress"]
+    code = main(["predict", str(bad), str(good), *opts])
+    assert code == EXIT_SCANS_FAILED
+    captured = capsys.readouterr()
+    assert "1 ok, 0 already done, 1 failed" in captured.out and "failed: bad_series:" in captured.out
+    with open(out / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["scan_id"], r["status"]) for r in rows] == [
+        ("bad_series", "failed"),
+        ("lungmask_testdata", "ok"),
+    ]
+    assert "bad_series" in rows[0]["reason"]
+    # the same command again: the good scan is done, the bad one is retried (and fails again)
+    assert main(["predict", str(bad), str(good), *opts]) == EXIT_SCANS_FAILED
+    assert "0 ok, 1 already done, 1 failed" in capsys.readouterr().out
+    # only the good scan: all done -> exit 0
+    assert main(["predict", str(good), *opts]) == EXIT_OK
+
+
+def test_info_reports_bundles_and_hashes(seg_only_bundles, capsys):
+    assert main(["info", "--bundle-dir", str(seg_only_bundles), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["versions"]["ctcovid"] and info["versions"]["torch"] and info["versions"]["monai"]
+    assert info["versions"]["timm"] and info["versions"]["python"]
+    assert isinstance(info["device"]["cuda_available"], bool)
+    by_name = {b["bundle"]: b for b in info["bundles"]}
+    seg = by_name[SEG_BUNDLE]
+    weights = seg_only_bundles / SEG_BUNDLE / "models" / "model.pt"
+    assert (
+        seg["weights"] is True and seg["weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    )
+    assert by_name[FILTER_BUNDLE]["weights"] is False
+    assert main(["info", "--bundle-dir", str(seg_only_bundles)]) == 0
+    text = capsys.readouterr().out
+    assert "cuda available" in text and SEG_BUNDLE in text and "no trained weights" in text
+
+
+def test_demo_subprocess(tmp_path):
+    """``ctcovid demo`` as a user runs it: default bundles, built-in input, prints where the outputs are."""
+    from ctcovid.bundle import bundles_root
+
+    if not (bundles_root() / SEG_BUNDLE / "models" / "model.pt").is_file():
+        pytest.skip("the lung segmenter has no shipped weights yet")
+    out = tmp_path / "demo_out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "ctcovid", "demo", "--out", str(out), "--no-progress"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    text = proc.stdout
+    assert f"Outputs are in {out}" in text
+    for bundle in (FILTER_BUNDLE, DET_BUNDLE, SEV_BUNDLE):
+        shipped = (bundles_root() / bundle / "models" / "model.pt").is_file()
+        assert (
+            (f"bundle {bundle} v" in text)
+            if shipped
+            else (f"no trained weights shipped in {bundles_root() / bundle}" in text)
+        )
+    rec = json.loads((out / "CT_small.json").read_text())
+    assert rec["status"] == "ok" and rec["slices"]["read"] == 1 and rec["scan"]["format"] == "dicom"
+    assert (out / "CT_small_montage.png").is_file() and (out / "CT_small_lung_mask.nii.gz").is_file()
+    with open(out / "summary.csv", newline="") as f:
+        assert [r["status"] for r in csv.DictReader(f)] == ["ok"]
+    assert Path(out).resolve().is_dir()
