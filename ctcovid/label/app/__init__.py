@@ -1,0 +1,1 @@
+"""The MONAI Label app folder (``main.py``); see :mod:`ctcovid.label`."""

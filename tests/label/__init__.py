@@ -1,0 +1,1 @@
+"""MONAI Label app tests (run by `tox -e label`; skipped without monailabel)."""
