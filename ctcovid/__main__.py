@@ -1,4 +1,5 @@
-from ctcovid.cli.main import main
 import sys
+
+from ctcovid.cli.main import main
 
 sys.exit(main())

@@ -10,7 +10,13 @@ import shutil
 
 import pytest
 
-from ctcovid.bundle import BUNDLE_NAMES, bundle_path, bundles_root, load_bundle_metadata, verify_bundle_metadata
+from ctcovid.bundle import (
+    BUNDLE_NAMES,
+    bundle_path,
+    bundles_root,
+    load_bundle_metadata,
+    verify_bundle_metadata,
+)
 
 REQUIRED_FILES = (
     "configs/metadata.json",

@@ -15,6 +15,9 @@ BUNDLE_NAMES = (
     "cxr_lung_segmentation",
     "cxr_pneumonia_type_classification",
     "cxr_covid_viral_classification",
+    "cxr_covid_resnet18_classification",
+    "cxr_detl_classification",
+    "cxr_vbreathnet_classification",
 )
 
 #: JSON schema for ``configs/metadata.json``, vendored so that ``verify_metadata`` never downloads.

@@ -12,7 +12,7 @@ import importlib
 import sys
 
 #: Sub-command modules, in the order ``--help`` lists them.
-SUBCOMMAND_MODULES = ("demo", "predict", "info", "cxr", "label_app")
+SUBCOMMAND_MODULES = ("demo", "predict", "info", "cxr", "quality", "label_app")
 
 
 def build_parser() -> argparse.ArgumentParser:
