@@ -47,3 +47,14 @@ def totalseg_dir() -> Path:
 def medseg_dir() -> Path:
     """MedSeg display-valued (0-4095) CT volumes with lung masks."""
     return data_path("ct", "medseg")
+
+
+@pytest.fixture(autouse=True)
+def _ieee_subnormals_after_each_test():
+    """Tests that run ``ctcovid predict``/``demo`` in-process get its flush-denormal processor setting; put
+    IEEE subnormals back afterwards so later tests (numpy, hypothesis) see the default floating point."""
+    yield
+    import sys
+
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_flush_denormal(False)

@@ -454,3 +454,117 @@ def test_discover_scans_layouts(tmp_path, shared_data):
     assert scans[0].path == (root / "covid" / "ct_scan_0").absolute()
     with pytest.raises(InputNotFoundError, match="nope"):
         discover_scans([tmp_path / "nope"])
+
+
+# ---------------------------------------------------------------------------------- performance options
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a > 0, b > 0
+    return float(2 * (a & b).sum() / max(1, a.sum() + b.sum()))
+
+
+def test_bf16_autocast_moves_outputs_little(pipeline, test_bundles, shared_data):
+    """bf16 autocast (issue 9) on the shipped segmenter: same lung mask to within a few edge pixels, the
+    ensembles' probabilities to within 0.01, the same Grad-CAM, and the precision is part of the resume key."""
+    from ctcovid.pipelines import CTCovidPipeline
+
+    scan = data_path("fixtures", "lungmask_testdata")
+    bf16 = CTCovidPipeline(bundle_dir=test_bundles, device="cpu", severity="always", precision="bf16")
+    assert bf16.options()["precision"] == "bf16" and pipeline.options()["precision"] == "fp32"
+    ref, res = pipeline(scan), bf16(scan)
+    assert res.lung_mask.sum() > 10_000  # the lungs of both slices, not an empty mask
+    assert _dice(ref.lung_mask, res.lung_mask) >= 0.98
+    assert abs(ref.covid_probability - res.covid_probability) < 0.01
+    for name, p in ref.severity_probabilities.items():
+        assert abs(p - res.severity_probabilities[name]) < 0.01
+    # Grad-CAM stays fp32 under bf16 (an explanation must not depend on a speed option): the same map
+    np.testing.assert_allclose(res.heatmap, ref.heatmap, atol=1e-4)
+    with pytest.raises(ValueError, match="precision"):
+        CTCovidPipeline(bundle_dir=test_bundles, device="cpu", precision="fp8")
+
+
+def test_channels_last_and_batch_size_do_not_change_results(pipeline, test_bundles, shared_data):
+    """Memory format and batch size are speed settings: the bundles' ``channels_last`` values are applied by
+    default, and overriding them (or the batch size) leaves the mask and probabilities unchanged."""
+    from ctcovid.pipelines import CTCovidPipeline
+    from ctcovid.pipelines.ct import DEFAULT_BATCH_SIZE
+
+    scan = data_path("fixtures", "lungmask_testdata")
+    default = CTCovidPipeline(bundle_dir=test_bundles, device="cpu", severity="always")
+    assert default.batch_size == DEFAULT_BATCH_SIZE["cpu"]
+    bundle_says = {
+        s: bool(json.loads((test_bundles / b / "configs" / "inference.json").read_text())["channels_last"])
+        for s, b in (("segmentation", SEG_BUNDLE), ("detection", DET_BUNDLE), ("severity", SEV_BUNDLE))
+    }
+    assert default.channels_last == bundle_says  # the slice filter has no weights here
+    conv = next(m for m in default.segmenter.network.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) == bundle_says["segmentation"]
+
+    flipped = CTCovidPipeline(
+        bundle_dir=test_bundles, device="cpu", severity="always", batch_size=1, channels_last=False
+    )
+    assert not any(flipped.channels_last.values())
+    ref, res = pipeline(scan), flipped(scan)  # pipeline: batch 8 with the bundles' formats
+    assert _dice(ref.lung_mask, res.lung_mask) > 0.9999
+    assert abs(ref.covid_probability - res.covid_probability) < 1e-4
+    for name, p in ref.severity_probabilities.items():
+        assert abs(p - res.severity_probabilities[name]) < 1e-4
+
+
+def test_stage_progress_and_volume_building_timing(pipeline, shared_data):
+    """Stages are announced in run order; building the ensembles' stacks is timed on its own."""
+    seen: list[str] = []
+    volume = pipeline.read(data_path("fixtures", "lungmask_testdata"))
+    res = pipeline.process(volume, on_stage=seen.append)
+    assert seen == [
+        "normalize",
+        "segmentation",
+        "mask_cleanup",
+        "volume_building",
+        "detection",
+        "gradcam",
+        "volume_building",
+        "severity",
+    ]
+    assert res.stages["volume_building"] == "ok"
+    assert {"normalize", "segmentation", "volume_building", "detection", "gradcam", "severity"} <= set(
+        res.timings_s
+    )
+
+
+def test_take_slices_views_consecutive_runs():
+    from ctcovid.pipelines.ct import _take_slices
+
+    vol = torch.arange(2 * 3 * 4 * 6, dtype=torch.float32).reshape(2, 3, 4, 6)
+    run = _take_slices(vol, [1, 2, 3])
+    assert torch.equal(run, vol[..., 1:4]) and run.data_ptr() == vol[..., 1:4].data_ptr()  # no copy
+    gathered = _take_slices(vol, [0, 2, 5])
+    assert torch.equal(gathered, vol[..., [0, 2, 5]])
+
+
+@pytest.mark.parametrize("connectivity", [1, 3])
+@pytest.mark.parametrize("num_components", [1, 2])
+def test_keep_largest_components_matches_monai(connectivity, num_components):
+    """The pipeline's 32-bit connected-component clean-up gives MONAI's KeepLargestConnectedComponent result,
+    also on the mask's bounding box (``_clean_mask``) rather than the whole volume."""
+    from monai.transforms import KeepLargestConnectedComponent
+
+    from ctcovid.pipelines.ct import _bounding_box, _keep_largest_components
+
+    mask = np.zeros((40, 30, 20), dtype=np.uint8)
+    mask[5:15, 5:15, 5:15] = 1  # 1000 voxels
+    mask[20:26, 5:11, 5:11] = 1  # 216
+    mask[26, 11, 11] = 1  # touches the 216 block only diagonally: joins it with full connectivity
+    mask[30:33, 20:23, 2:5] = 1  # 27
+    mask[38, 28, 18] = 1  # a single voxel near the edge
+    monai_keep = KeepLargestConnectedComponent(
+        applied_labels=[1], num_components=num_components, connectivity=connectivity
+    )
+    ref = monai_keep(torch.from_numpy(mask.copy())[None])[0].numpy()  # a copy: MONAI edits its input in place
+    out = _keep_largest_components(mask.copy(), num_components, connectivity)
+    np.testing.assert_array_equal(out, ref)
+    assert out.sum() < mask.sum()  # something was removed
+    box = _bounding_box(mask, margin=1)
+    boxed = mask.copy()
+    boxed[box] = _keep_largest_components(np.ascontiguousarray(mask[box]), num_components, connectivity)
+    np.testing.assert_array_equal(boxed, ref)
+    assert _bounding_box(np.zeros((3, 3, 3), np.uint8)) is None

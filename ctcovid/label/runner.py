@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ctcovid.pipelines.bundles import WEIGHTS_FILE, BundleError, MissingWeightsError, bundle_weights_status
-from ctcovid.pipelines.ct import DEFAULT_BUNDLES, SEVERITY_MODES, CTCovidPipeline, CTResult
+from ctcovid.pipelines.ct import DEFAULT_BUNDLES, PRECISIONS, SEVERITY_MODES, CTCovidPipeline, CTResult
 
 __all__ = ["FINETUNED_BUNDLE", "PipelineRunner", "RunnerOptions"]
 
@@ -43,7 +43,8 @@ class RunnerOptions:
         model_dir: folder where the fine-tuned lung segmenter bundle lives (``<model_dir>/ct_lung_segmentation``).
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
         severity: :data:`ctcovid.pipelines.ct.SEVERITY_MODES` (``"covid"``: grade only predicted COVID-19).
-        batch_size: slices per forward pass of the slice-level stages.
+        batch_size: slices per forward pass of the slice-level stages (``None``: the device's fastest).
+        precision: ``"fp32"`` or ``"bf16"`` (autocast; see :data:`ctcovid.pipelines.ct.PRECISIONS`).
         covid_threshold: P(COVID-19) from which a scan is predicted COVID-19.
         cache_size: pipeline results kept (most recent studies); 0 disables the cache.
     """
@@ -52,7 +53,8 @@ class RunnerOptions:
     model_dir: str = "model"
     device: str = "auto"
     severity: str = "covid"
-    batch_size: int = 16
+    batch_size: int | None = None
+    precision: str = "fp32"
     covid_threshold: float = 0.5
     cache_size: int = 4
 
@@ -72,13 +74,17 @@ class RunnerOptions:
         severity = conf.get("severity", "covid")
         if severity not in SEVERITY_MODES:
             raise ValueError(f"--conf severity {severity!r}: expected one of {SEVERITY_MODES}")
+        precision = conf.get("precision", "fp32")
+        if precision not in PRECISIONS:
+            raise ValueError(f"--conf precision {precision!r}: expected one of {PRECISIONS}")
         bundle_dir = conf.get("bundle_dir") or os.environ.get("CTCOVID_BUNDLE_DIR") or None
         return cls(
             bundle_dir=str(Path(bundle_dir).expanduser().resolve()) if bundle_dir else None,
             model_dir=str(Path(conf.get("model_dir") or Path(app_dir) / "model").expanduser().resolve()),
             device=conf.get("device", "auto"),
             severity=severity,
-            batch_size=num("batch_size", int, 16),
+            batch_size=num("batch_size", int, None),
+            precision=precision,
             covid_threshold=num("covid_threshold", float, 0.5),
             cache_size=num("cache_size", int, 4),
         )
@@ -145,13 +151,16 @@ class PipelineRunner:
                 if self.finetuned_weights() is not None:
                     # an absolute path as the bundle "name": load_stage joins it onto the root unchanged
                     bundles["segmentation"] = str(self.finetuned_bundle)
-                logger.info("building the CT pipeline (bundles in %s, overrides %s)", self.bundles_root, bundles)
+                logger.info(
+                    "building the CT pipeline (bundles in %s, overrides %s)", self.bundles_root, bundles
+                )
                 self._pipeline = None
                 try:
                     self._pipeline = CTCovidPipeline(
                         bundle_dir=self.options.bundle_dir,
                         device=self.options.device,
                         batch_size=self.options.batch_size,
+                        precision=self.options.precision,
                         severity=self.options.severity,
                         skip_missing=True,
                         covid_threshold=self.options.covid_threshold,

@@ -47,8 +47,8 @@ class ProbabilityEnsemble(nn.Module):
         return torch.stack([member(*args) for member in self.members], dim=1)
 
     def member_probabilities(self, *args: torch.Tensor) -> torch.Tensor:
-        """``(B, M, C)`` softmax probabilities of every member."""
-        return torch.softmax(self.member_logits(*args), dim=-1)
+        """``(B, M, C)`` softmax probabilities of every member, float32 even under bf16/fp16 autocast."""
+        return torch.softmax(self.member_logits(*args).float(), dim=-1)
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
         if self.training:

