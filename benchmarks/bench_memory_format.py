@@ -43,7 +43,7 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory(prefix="ctcovid_memfmt_") if args.workdir is None else None
     work = Path(args.workdir or tmp.name)
     bundle_dir = random_weight_bundles(work / "bundles")
-    p = CTCovidPipeline(bundle_dir=bundle_dir, device=args.device, channels_last=False)
+    p = CTCovidPipeline(bundle_dir=bundle_dir, device=args.device, channels_last=False, flush_denormal=True)
     shapes = {
         "slice_filter": (4, 1, *p._stack_size(p.slice_filter, (224, 224))),
         "segmentation": (4, 1, *p._seg_size),

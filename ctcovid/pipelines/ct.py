@@ -72,8 +72,8 @@ STAGES = (
 )
 
 #: Arithmetic of the network forward passes: ``"fp32"``, or ``"bf16"`` autocast (CPU with AVX-512 BF16 /
-#: AMX, CUDA from Ampere on) -- about 1.5-3x faster on such CPUs; see the README performance section for
-#: how much the outputs move.
+#: AMX, CUDA from Ampere on): the networks ran 1.3-2.2x faster on a 2-core AVX-512 BF16 CPU, whole scans
+#: 1.1-1.6x; see the README performance section for how much the outputs move.
 PRECISIONS = ("fp32", "bf16")
 
 #: Slices per forward pass when ``batch_size`` is not given: measured fastest per slice on each device
