@@ -76,9 +76,6 @@ BASELINE_STAGES = (
 DETECTION_INPUT_FILE = "detection_input.npy"
 SEVERITY_INPUT_FILE = "severity_input.npy"
 
-_DEFAULT_DETECTION_CLASSES = ("non-COVID-19", "COVID-19")
-_DEFAULT_SEVERITY_CLASSES = ("mild", "moderate", "severe", "critical")
-
 
 # ---------------------------------------------------------------------------------------------- helpers
 @contextmanager
@@ -122,38 +119,6 @@ def nearest_depth_indices(n_slices: int, depth: int) -> np.ndarray:
         return np.zeros(1, dtype=np.int64)
     pos = np.arange(depth, dtype=np.float64) * (n_slices - 1) / (depth - 1)
     return np.minimum(np.floor(pos + 0.5).astype(np.int64), n_slices - 1)
-
-
-def _class_names(stage, default: Sequence[str]) -> list[str]:
-    names = stage.config_value("class_names") or stage.channel_names() or default
-    return [str(n) for n in names]
-
-
-def _covid_index(names: Sequence[str]) -> int:
-    for i, n in enumerate(names):
-        if "".join(ch for ch in n.lower() if ch.isalnum()) in ("covid", "covid19", "positive"):
-            return i
-    return 1
-
-
-def _stack_size(stage, default: tuple[int, int]) -> tuple[int, int]:
-    shape = stage.config_value("spatial_size") or stage.input_shape() or default
-    return int(shape[-2]), int(shape[-1])
-
-
-def _segmentation_size(stage) -> tuple[int, int]:
-    shape = stage.config_value("spatial_size", "image_size", "roi_size") or stage.input_shape()
-    if not shape:
-        raise ValueError(f"bundle {stage.bundle}: no input size for the segmenter")
-    return int(shape[-2]), int(shape[-1])
-
-
-def _scan_id(scan: Path) -> str:
-    name = scan.name
-    for suffix in (".nii.gz", ".nii"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 # ------------------------------------------------------------------------------------------------ read
@@ -246,7 +211,7 @@ def _segment(pipeline, slices, device) -> np.ndarray:
     """``(X, Y, Z)`` uint8 lung mask: per-slice probabilities resized back and arg-maxed, then clean-up."""
     x_size = slices[0].shape
     mask = np.zeros((*x_size, len(slices)), dtype=np.uint8)
-    size = _segmentation_size(pipeline.segmenter)
+    size = pipeline._seg_size
     for k, s in enumerate(slices):
         x = torch.from_numpy(_resize(s, size)[None, None]).float().to(device)
         with torch.no_grad():
@@ -308,6 +273,8 @@ def run_baseline(
     """
     from ctcovid.io.ct_volume import infer_intensity_domain
     from ctcovid.io.errors import NoLungSlicesError
+    from ctcovid.pipelines.ct import _DEFAULT_DETECTION_CLASSES, _covid_index
+    from ctcovid.pipelines.scans import _scan_name
 
     scan, work = Path(scan), Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -345,9 +312,9 @@ def run_baseline(
     slice_prob = None
     if pipeline.slice_filter.available:
         with _timed(timings, "slice_filter"):
-            names = [n.lower() for n in _class_names(pipeline.slice_filter, ("non-lung", "lung"))]
+            names = [n.lower() for n in pipeline._class_names(pipeline.slice_filter, ("non-lung", "lung"))]
             lung = names.index("lung") if "lung" in names else 1
-            size = _stack_size(pipeline.slice_filter, (224, 224))
+            size = pipeline._stack_size(pipeline.slice_filter, (224, 224))
             probs = _per_slice_probabilities(
                 pipeline.slice_filter.network, norm["slice_filter"], size, device
             )
@@ -377,7 +344,7 @@ def run_baseline(
                     mask,
                     kept,
                     (int(getattr(member, "in_slices", 64)),),
-                    _stack_size(pipeline.detector, (224, 224)),
+                    pipeline._stack_size(pipeline.detector, (224, 224)),
                     bool(pipeline.detector.config_value("mask_lung", default=True)),
                 )
                 np.save(det_file, x)
@@ -388,13 +355,13 @@ def run_baseline(
                     mask,
                     kept,
                     (int(getattr(member, "slices_a", 32)), int(getattr(member, "slices_b", 16))),
-                    _stack_size(pipeline.grader, (299, 299)),
+                    pipeline._stack_size(pipeline.grader, (299, 299)),
                     bool(pipeline.grader.config_value("mask_lung", default=True)),
                 )
                 np.save(sev_file, x)
 
     result: dict[str, Any] = {
-        "scan_id": _scan_id(scan),
+        "scan_id": _scan_name(scan),
         "kept_slices": kept,
         "lung_mask": mask,
         "slice_probabilities": None if slice_prob is None else [float(p) for p in slice_prob],
@@ -410,7 +377,7 @@ def run_baseline(
         with _timed(timings, "detection"):
             x = np.load(det_file)
             members = _ensemble_probabilities(pipeline.detector.network, x, device)
-            covid_index = _covid_index(_class_names(pipeline.detector, _DEFAULT_DETECTION_CLASSES))
+            covid_index = _covid_index(pipeline._class_names(pipeline.detector, _DEFAULT_DETECTION_CLASSES))
             p_covid = float(members[:, covid_index].mean())
             result["covid_member_probabilities"] = members.tolist()
             result["covid_probability"] = p_covid
