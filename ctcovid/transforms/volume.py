@@ -465,7 +465,23 @@ class BuildSeverityInput(Transform):
         return torch.cat([resample(img) for resample in self.resamplers], dim=0)
 
 
-class BuildDetectionInputd(MapTransform):
+class _StackBuilderd(MapTransform):
+    """Shared body of the ``Build*Inputd`` twins: apply ``builder(image, mask)`` over ``keys``, the mask
+    read from ``mask_key`` when it is given."""
+
+    def __init__(self, keys: KeysCollection, mask_key: str | None, builder, allow_missing_keys: bool) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.mask_key = mask_key
+        self.builder = builder
+
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.builder(d[key], None if self.mask_key is None else d[self.mask_key])
+        return d
+
+
+class BuildDetectionInputd(_StackBuilderd):
     """Dictionary twin of :class:`BuildDetectionInput`; ``mask_key`` (optional) names the lung mask."""
 
     backend = BuildDetectionInput.backend
@@ -480,18 +496,11 @@ class BuildDetectionInputd(MapTransform):
         mask_threshold: float = 0.5,
         allow_missing_keys: bool = False,
     ) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.mask_key = mask_key
-        self.builder = BuildDetectionInput(depth, spatial_size, background, mask_threshold)
-
-    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = self.builder(d[key], None if self.mask_key is None else d[self.mask_key])
-        return d
+        builder = BuildDetectionInput(depth, spatial_size, background, mask_threshold)
+        super().__init__(keys, mask_key, builder, allow_missing_keys)
 
 
-class BuildSeverityInputd(MapTransform):
+class BuildSeverityInputd(_StackBuilderd):
     """Dictionary twin of :class:`BuildSeverityInput`; ``mask_key`` (optional) names the lung mask."""
 
     backend = BuildSeverityInput.backend
@@ -506,12 +515,5 @@ class BuildSeverityInputd(MapTransform):
         mask_threshold: float = 0.5,
         allow_missing_keys: bool = False,
     ) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.mask_key = mask_key
-        self.builder = BuildSeverityInput(depths, spatial_size, background, mask_threshold)
-
-    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = self.builder(d[key], None if self.mask_key is None else d[self.mask_key])
-        return d
+        builder = BuildSeverityInput(depths, spatial_size, background, mask_threshold)
+        super().__init__(keys, mask_key, builder, allow_missing_keys)
