@@ -15,7 +15,24 @@ _EPOCH = re.compile(r"epoch=(\d+)\.pt$")
 
 
 class MissingWeightsError(FileNotFoundError):
-    """A bundle was asked to predict but has no trained weights."""
+    """A bundle was asked to predict but has no trained weights; the message says how to train it.
+
+    One class for every place that refuses random weights (bundle configs through
+    :func:`require_checkpoint`, the CT and X-ray pipelines), so ``except MissingWeightsError`` catches
+    them all. ``bundle``, ``stage`` (a pipeline stage) and ``bundle_dir`` are set where known.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        bundle: str | None = None,
+        stage: str | None = None,
+        bundle_dir: str | os.PathLike | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.bundle, self.stage = bundle, stage
+        self.bundle_dir = None if bundle_dir is None else Path(bundle_dir)
 
 
 def require_checkpoint(path: str | os.PathLike, bundle_name: str, allow_random_weights: bool = False) -> bool:
@@ -39,10 +56,11 @@ def require_checkpoint(path: str | os.PathLike, bundle_name: str, allow_random_w
         )
         return False
     raise MissingWeightsError(
-        f"bundle {bundle_name!r} has no trained weights at {path}. This project ships no weights for it. "
-        f"Train it first: python -m monai.bundle run --config_file bundles/{bundle_name}/configs/train.json "
-        f"--dataset_dir <COV19-CT-DB root> (see bundles/{bundle_name}/docs/README.md), or point --ckpt_path at "
-        "a trained model.pt. For a smoke test only, --allow_random_weights true runs random weights."
+        f"bundle {bundle_name!r} has no trained weights at {path}. Train it first: python -m monai.bundle run "
+        f"--config_file bundles/{bundle_name}/configs/train.json (bundles/{bundle_name}/docs/README.md says "
+        "which data and settings it needs), or point --ckpt_path at a trained model.pt. For a smoke test "
+        "only, --allow_random_weights true runs random weights.",
+        bundle=bundle_name,
     )
 
 

@@ -20,23 +20,24 @@ import torch
 import torch.nn as nn
 
 from ctcovid.bundle import bundles_root, load_bundle_metadata
+from ctcovid.handlers.checkpoint import MissingWeightsError  # one class for every missing-weights refusal
 
 from .resume import sha256_file
 
 WEIGHTS_FILE = Path("models") / "model.pt"
 
 
-class MissingWeightsError(FileNotFoundError):
-    """A stage's bundle has no trained weights (``models/model.pt``); the message says how to train it."""
-
-    def __init__(self, stage: str, bundle: str, bundle_dir: Path):
-        self.stage, self.bundle, self.bundle_dir = stage, bundle, Path(bundle_dir)
-        super().__init__(
-            f"{stage}: no trained weights in {self.bundle_dir / WEIGHTS_FILE} (bundle {bundle}). "
-            f"Train it with `python -m monai.bundle run --config_file {self.bundle_dir / 'configs' / 'train.json'}` "
-            f"(see {self.bundle_dir / 'docs' / 'README.md'}) and put the checkpoint at {WEIGHTS_FILE}, "
-            "or pass --skip-missing to run the other stages without it."
-        )
+def _missing_weights(stage: str, bundle: str, bundle_dir: Path) -> MissingWeightsError:
+    """The error for a stage whose bundle has no ``models/model.pt``, saying how to train it."""
+    return MissingWeightsError(
+        f"{stage}: no trained weights in {bundle_dir / WEIGHTS_FILE} (bundle {bundle}). "
+        f"Train it with `python -m monai.bundle run --config_file {bundle_dir / 'configs' / 'train.json'}` "
+        f"(see {bundle_dir / 'docs' / 'README.md'}) and put the checkpoint at {WEIGHTS_FILE}, "
+        "or pass --skip-missing to run the other stages without it.",
+        bundle=bundle,
+        stage=stage,
+        bundle_dir=bundle_dir,
+    )
 
 
 class BundleError(RuntimeError):
@@ -236,7 +237,7 @@ def load_stage(
     weights = bdir / WEIGHTS_FILE
     if not weights.is_file():
         if not skip_missing:
-            raise MissingWeightsError(stage, bundle, bdir)
+            raise _missing_weights(stage, bundle, bdir)
         return StageModel(
             stage,
             bundle,

@@ -85,8 +85,7 @@ class CascadeWeightsError(MissingWeightsError):
     def __init__(self, missing: Sequence[tuple[str, str, Path]]):
         self.missing = list(missing)
         stage, bundle, bdir = self.missing[0]
-        FileNotFoundError.__init__(self, self._message())
-        self.stage, self.bundle, self.bundle_dir = stage, bundle, Path(bdir)
+        super().__init__(self._message(), bundle=bundle, stage=stage, bundle_dir=bdir)
 
     def _message(self) -> str:
         lines = ["the X-ray cascade cannot run: no trained weights for"]
@@ -101,27 +100,15 @@ class CascadeWeightsError(MissingWeightsError):
 
 
 def require_weights(path: str | os.PathLike, bundle_name: str, allow_random_weights: bool = False) -> bool:
-    """True if the checkpoint exists; otherwise raise (or, explicitly allowed, warn and return False).
-
-    For ``"_disabled_": "$not ctcovid.pipelines.cxr.require_weights(...)"`` on a ``CheckpointLoader``: an
-    X-ray bundle without weights never predicts with random ones silently.
+    """:func:`ctcovid.handlers.require_checkpoint` under the name the X-ray bundle configs use
+    (``"_disabled_": "$not ctcovid.pipelines.cxr.require_weights(...)"`` on a ``CheckpointLoader``).
 
     Raises:
         ctcovid.handlers.MissingWeightsError: no file at ``path`` and ``allow_random_weights`` is False.
     """
-    from ctcovid.handlers.checkpoint import MissingWeightsError as ConfigMissingWeightsError
+    from ctcovid.handlers.checkpoint import require_checkpoint
 
-    if Path(path).is_file():
-        return True
-    if allow_random_weights:
-        logger.warning("%s: no weights at %s; RANDOM weights (allow_random_weights) -- predictions mean nothing",
-                       bundle_name, path)
-        return False
-    raise ConfigMissingWeightsError(
-        f"bundle {bundle_name!r} has no trained weights at {path}; none ship with ctcovid. Train it with "
-        f"`python -m monai.bundle run --config_file bundles/{bundle_name}/configs/train.json` (see "
-        f"bundles/{bundle_name}/docs/README.md), or set --ckpt_path to a trained model.pt."
-    )
+    return require_checkpoint(path, bundle_name, allow_random_weights)
 
 
 def _trained_size(bundle_dir: Path) -> list[int] | None:
