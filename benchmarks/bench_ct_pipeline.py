@@ -15,10 +15,12 @@ slice is kept (random slice-filter weights cannot select lung; volume building t
 the most it ever does) and severity runs on every scan (``severity="always"``).
 
 Each (scan, precision) is measured in a fresh child process so peak memory is that run's alone:
-pipeline load, one warm-up run (oneDNN / cuDNN plan creation, file cache), then one timed run with
-per-stage seconds and peak RSS (and CUDA memory), then each stage's networks timed alone on the exact
-inputs the stage fed them, then (fp32 only, unless ``--no-baseline``) the paper-style baseline of
-:mod:`ct_pipeline_baseline` on the same networks, in the same process, right after. The parent measures
+pipeline load, one warm-up run (oneDNN / cuDNN plan creation, file cache), then ``--repeats`` timed runs
+(median per stage) with per-stage seconds and peak RSS (and CUDA memory), each scan handed straight to
+the pipeline as ``ctcovid predict`` does (so it is freed once normalised), then each stage's networks
+timed alone on the exact inputs the stage fed them, then (fp32 only, unless ``--no-baseline``) the
+paper-style baseline of :mod:`ct_pipeline_baseline` in the same process, right after, on the same
+weights loaded afresh without batch-norm folding (the paper's code runs its networks as trained). The parent measures
 the machine's matmul throughput, sweeps batch sizes of the slice-level networks, and compares bf16 with
 fp32 outputs. Results go to ``benchmarks/results/ct_pipeline.json`` (atomically).
 
@@ -175,6 +177,7 @@ def child(args) -> dict[str, Any]:
     import numpy as np
 
     from ctcovid.pipelines import CTCovidPipeline
+    from ctcovid.pipelines.memory import release_free_memory
     from ctcovid.profiling import PeakMemory, rss_bytes
 
     logging.getLogger("pydicom").setLevel(logging.ERROR)
@@ -198,9 +201,10 @@ def child(args) -> dict[str, Any]:
         start = mem.start if mem is not None else (lambda _s: None)
         start("read")
         t0 = time.perf_counter()
-        volume = pipeline.read(scan)
-        read_s = time.perf_counter() - t0
-        res = pipeline.process(volume, path=scan, scan_id=args.name, read_seconds=read_s, on_stage=start)
+        # handed straight over, as `ctcovid predict` does: process() frees the volume once normalised
+        res = pipeline.process(
+            pipeline.read(scan), path=scan, scan_id=args.name, read_seconds=time.perf_counter() - t0, on_stage=start
+        )
         start("write")
         t1 = time.perf_counter()
         res.save(work / f"out_{args.precision}")
@@ -208,7 +212,7 @@ def child(args) -> dict[str, Any]:
         res.timings_s["write"] = time.perf_counter() - t1 - res.timings_s.get("montage", 0.0)
         if mem is not None:
             mem.stop()
-        return volume, res
+        return res
 
     t = time.perf_counter()
     run_once(None)
@@ -216,11 +220,11 @@ def child(args) -> dict[str, Any]:
     mem = PeakMemory(pipeline.device)
     per_run: list[dict[str, float]] = []
     walls = []
-    volume = res = None
+    res = None
     for _ in range(args.repeats):  # median per stage over the timed runs: this VM's timings wander
-        del volume, res  # one scan in memory at a time, as in a batch run
+        del res  # one scan in memory at a time, as in a batch run
         t = time.perf_counter()
-        volume, res = run_once(mem)
+        res = run_once(mem)
         walls.append(time.perf_counter() - t)
         per_run.append(dict(res.timings_s))
     median = {k: statistics.median(r[k] for r in per_run) for k in per_run[0]}
@@ -229,7 +233,8 @@ def child(args) -> dict[str, Any]:
     compared = total - median.get("montage", 0.0)  # the baseline makes no montage
 
     class_index = 1
-    inputs = _stage_inputs(pipeline, volume, res)
+    # read again, untimed: the networks alone run on the exact inputs the stages fed them
+    inputs = _stage_inputs(pipeline, pipeline.read(scan), res)
     alone = _networks_alone(pipeline, inputs, class_index, args.repeats)
     flops = _flops(pipeline, inputs, class_index)
     del inputs
@@ -281,7 +286,21 @@ def child(args) -> dict[str, Any]:
     if args.baseline:
         from ct_pipeline_baseline import run_baseline
 
-        del volume
+        # the paper's code runs the networks as trained: a fresh pipeline without batch-norm folding
+        # (same weights, same memory formats); the measured one is freed first
+        del pipeline
+        release_free_memory()
+        pipeline = CTCovidPipeline(
+            bundle_dir=args.bundle_dir,
+            device=args.device,
+            precision=args.precision,
+            batch_size=args.batch_size,
+            severity="always",
+            slice_threshold=0.0,
+            gradcam=True,
+            flush_denormal=True,
+            fold_batchnorm=False,
+        )
         mem_b = PeakMemory(pipeline.device)
         mem_b.start("baseline")
         base = run_baseline(scan, pipeline, work / "baseline", gradcam=True)

@@ -470,6 +470,7 @@ def test_bf16_autocast_moves_outputs_little(pipeline, test_bundles, shared_data)
     scan = data_path("fixtures", "lungmask_testdata")
     bf16 = CTCovidPipeline(bundle_dir=test_bundles, device="cpu", severity="always", precision="bf16")
     assert bf16.options()["precision"] == "bf16" and pipeline.options()["precision"] == "fp32"
+    assert bf16.batch_size == 8  # the batch measured fastest per slice in bf16 on CPU
     ref, res = pipeline(scan), bf16(scan)
     assert res.lung_mask.sum() > 10_000  # the lungs of both slices, not an empty mask
     assert _dice(ref.lung_mask, res.lung_mask) >= 0.98
@@ -483,14 +484,15 @@ def test_bf16_autocast_moves_outputs_little(pipeline, test_bundles, shared_data)
 
 
 def test_channels_last_and_batch_size_do_not_change_results(pipeline, test_bundles, shared_data):
-    """Memory format and batch size are speed settings: the bundles' ``channels_last`` values are applied by
-    default, and overriding them (or the batch size) leaves the mask and probabilities unchanged."""
+    """Memory format, batch size and batch-norm folding are speed settings: the bundles' ``channels_last``
+    values are applied and the segmenter's batch norms folded by default, and switching them off (or
+    changing the batch size) leaves the mask and probabilities unchanged."""
     from ctcovid.pipelines import CTCovidPipeline
     from ctcovid.pipelines.ct import DEFAULT_BATCH_SIZE
 
     scan = data_path("fixtures", "lungmask_testdata")
     default = CTCovidPipeline(bundle_dir=test_bundles, device="cpu", severity="always")
-    assert default.batch_size == DEFAULT_BATCH_SIZE["cpu"]
+    assert default.batch_size == DEFAULT_BATCH_SIZE["cpu"]["fp32"]
     bundle_says = {
         s: bool(json.loads((test_bundles / b / "configs" / "inference.json").read_text())["channels_last"])
         for s, b in (("segmentation", SEG_BUNDLE), ("detection", DET_BUNDLE), ("severity", SEV_BUNDLE))
@@ -500,9 +502,20 @@ def test_channels_last_and_batch_size_do_not_change_results(pipeline, test_bundl
     assert conv.weight.is_contiguous(memory_format=torch.channels_last) == bundle_says["segmentation"]
 
     flipped = CTCovidPipeline(
-        bundle_dir=test_bundles, device="cpu", severity="always", batch_size=1, channels_last=False
+        bundle_dir=test_bundles,
+        device="cpu",
+        severity="always",
+        batch_size=1,
+        channels_last=False,
+        fold_batchnorm=False,
     )
     assert not any(flipped.channels_last.values())
+
+    def batchnorms(p):
+        return sum(isinstance(m, torch.nn.BatchNorm2d) for m in p.segmenter.network.modules())
+
+    assert default.folded_batchnorms == {"segmentation": 22} and flipped.folded_batchnorms == {"segmentation": 0}
+    assert batchnorms(default) == batchnorms(flipped) - 22
     ref, res = pipeline(scan), flipped(scan)  # pipeline: batch 8 with the bundles' formats
     assert _dice(ref.lung_mask, res.lung_mask) > 0.9999
     assert abs(ref.covid_probability - res.covid_probability) < 1e-4
@@ -529,6 +542,30 @@ def test_stage_progress_and_volume_building_timing(pipeline, shared_data):
     assert {"normalize", "segmentation", "volume_building", "detection", "gradcam", "severity"} <= set(
         res.timings_s
     )
+
+
+def test_handed_over_volume_is_freed_once_normalised(pipeline, shared_data):
+    """A volume passed straight into ``process`` (as ``__call__`` and the batch runner pass it) is freed as
+    soon as its normalised views exist, not kept beside them for the whole scan."""
+    import weakref
+
+    refs: list[weakref.ref] = []
+    alive_at: dict[str, bool] = {}
+
+    def read_and_watch():
+        volume = pipeline.read(data_path("fixtures", "lungmask_testdata"))
+        refs.append(weakref.ref(volume))
+        return volume
+
+    res = pipeline.process(read_and_watch(), on_stage=lambda s: alive_at.setdefault(s, refs[0]() is not None))
+    assert alive_at["normalize"] is True  # still needed while normalising
+    assert alive_at["segmentation"] is False and refs[0]() is None
+    assert res.covid_probability is not None and res.severity is not None  # later stages had their views
+    # a caller that keeps its own reference keeps its volume, unchanged
+    kept = pipeline.read(data_path("fixtures", "lungmask_testdata"))
+    before = kept.clone()
+    pipeline.process(kept)
+    assert torch.equal(kept, before)
 
 
 def test_take_slices_views_consecutive_runs():
@@ -568,3 +605,48 @@ def test_keep_largest_components_matches_monai(connectivity, num_components):
     boxed[box] = _keep_largest_components(np.ascontiguousarray(mask[box]), num_components, connectivity)
     np.testing.assert_array_equal(boxed, ref)
     assert _bounding_box(np.zeros((3, 3, 3), np.uint8)) is None
+
+
+def test_keep_largest_components_beyond_16_bit_labels():
+    """More components than 16-bit labels hold (isolated voxels on every other grid point): the clean-up
+    falls back to 32-bit labels and still gives MONAI's result."""
+    from monai.transforms import KeepLargestConnectedComponent
+
+    from ctcovid.pipelines.ct import _keep_largest_components
+
+    mask = np.zeros((104, 104, 104), dtype=np.uint8)
+    mask[::2, ::2, ::2] = 1  # 52**3 = 140608 one-voxel components under 6-connectivity
+    mask[:10, :10, :10] = 1  # one 1000-voxel block
+    mask[-6:, -6:, -6:] = 1  # and a 216-voxel one
+    ref = KeepLargestConnectedComponent(applied_labels=[1], num_components=2, connectivity=1)(
+        torch.from_numpy(mask.copy())[None]
+    )[0].numpy()
+    out = _keep_largest_components(mask.copy(), 2, 1)
+    np.testing.assert_array_equal(out, ref)
+    assert 1000 + 216 <= out.sum() < mask.sum() // 50  # the two blocks (and the grid points they touch)
+
+
+def test_montage_frees_its_tile_images_without_the_cycle_collector(tmp_path):
+    """matplotlib's artists refer to each other; the montage clears its figure so the tiles' image
+    arrays (~140 MB for 16 tiles of 512x512) are freed at once, not at some later garbage collection."""
+    import gc
+
+    from ctcovid.pipelines.montage import save_montage_png
+
+    rng = np.random.default_rng(0)
+    image = rng.random((96, 96, 6), dtype=np.float32)
+    mask = np.zeros(image.shape, np.uint8)
+    mask[20:70, 20:70] = 1
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)  # what only the cycle collector would free lands in gc.garbage
+    try:
+        out = save_montage_png(tmp_path / "m.png", image, mask, range(6), heatmap=image[..., 0], title="t")
+        gc.collect()
+        stranded = [o.shape for o in gc.garbage if isinstance(o, np.ndarray) and o.size >= 96 * 96]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert out.is_file()
+    assert stranded == []

@@ -26,6 +26,7 @@ from ctcovid.transforms import (
     SelectLungSlicesd,
     kept_slices_from_meta,
 )
+from ctcovid.transforms.volume import _PIECE, _build_stacks
 
 
 def ramp_volume(n_slices: int, rows: int = 6, cols: int = 5, name: str = "scan_a.nii.gz") -> MetaTensor:
@@ -91,7 +92,7 @@ def test_resampling_order_does_not_matter_and_dtypes():
     x = torch.rand(30, 26, 11, generator=rng)
     resampler = ResampleSlices(depth=16, spatial_size=(14, 12))
     torch.testing.assert_close(
-        resampler._resample(x, depth_first=True), resampler._resample(x, depth_first=False)
+        _build_stacks(x, [resampler], depth_first=True)[0], _build_stacks(x, [resampler], depth_first=False)[0]
     )
     # integer HU and float64 inputs come out float32
     hu = (x * 2000 - 1000).to(torch.int16)[None]
@@ -170,6 +171,36 @@ def test_build_inputs_shapes_and_concatenation():
     masked = MaskToLung()(img, mask)
     torch.testing.assert_close(sev[:8], ResampleSlices(8, (24, 20))(masked))
     torch.testing.assert_close(sev[8:], ResampleSlices(4, (24, 20))(masked))
+
+
+@pytest.mark.parametrize("depth_first", [True, False])
+def test_masked_stacks_built_in_pieces_equal_masking_the_whole_volume(depth_first):
+    # 2.5 pieces along X and along Z, taken as a non-contiguous view of a longer scan (kept slices)
+    rows, cols, n = int(2.5 * _PIECE), 29, int(2.5 * _PIECE)
+    rng = torch.Generator().manual_seed(5)
+    scan = torch.rand(rows, cols, n + 7, generator=rng)
+    vol = scan[:, :, 3 : 3 + n]
+    mask = (torch.rand(rows, cols, n + 7, generator=rng) > 0.4).to(torch.uint8)[:, :, 3 : 3 + n]
+    size, depth = (23, 19), 11
+    # reference written out with torch alone: mask the whole volume, then depth (linear, end slices
+    # kept) and plane (bilinear, pixel centres) in the forced order
+    whole = torch.where(mask > 0.5, vol, torch.zeros(()))
+
+    def depth_step(x):
+        r, c, k = x.shape
+        return F.interpolate(x.reshape(1, r * c, k), size=depth, mode="linear", align_corners=True).reshape(r, c, depth)
+
+    def plane_step(x):
+        y = F.interpolate(x.permute(2, 0, 1)[None], size=size, mode="bilinear", align_corners=False)
+        return y[0].permute(1, 2, 0)
+
+    ref = plane_step(depth_step(whole)) if depth_first else depth_step(plane_step(whole).contiguous())
+    (out,) = _build_stacks(vol, [ResampleSlices(depth, size)], mask, MaskToLung(), depth_first=depth_first)
+    assert out.shape == (*size, depth)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+    # the transforms take the same path: (depth, H, W) of the same numbers
+    det = BuildDetectionInput(depth=depth, spatial_size=size)(vol[None], mask[None])
+    torch.testing.assert_close(det, out.permute(2, 0, 1), rtol=0, atol=1e-6)
 
 
 def test_full_size_network_inputs():

@@ -1,6 +1,7 @@
 """Network definitions. Backbones come from timm (``pretrained=False``) or MONAI; ctcovid adds the
 input blocks, heads and attention modules. Build by class or by name with :func:`create_network`."""
 
+from .batchnorm_folding import fold_batchnorm
 from .cbam import CBAM, ChannelAttention, SpatialAttention
 from .cxr_segmentation import DeepLabV3LungSegmenter
 from .detection import DetectionMember
@@ -19,6 +20,7 @@ __all__ = [
     "create_network",
     "list_networks",
     "register_network",
+    "fold_batchnorm",
     "LungSliceFilter",
     "LungSegmenter",
     "DetectionMember",

@@ -94,6 +94,12 @@ class _Prepared:
     read_seconds: float = 0.0
     error: BaseException | None = None
 
+    def take_volume(self) -> Any:
+        """Hand the volume over: once no name here holds it, the pipeline frees it as soon as it is
+        normalised (:meth:`CTCovidPipeline.process`) instead of at the end of the scan."""
+        volume, self.volume = self.volume, None
+        return volume
+
 
 def _outputs_of(scan_id: str, out_dir: Path) -> list[Path]:
     return [out_dir / f"{scan_id}_lung_mask.nii.gz", out_dir / f"{scan_id}_montage.png"]
@@ -246,7 +252,7 @@ def _process_one(pipeline: CTCovidPipeline, prep: _Prepared, out: Path, stage_ba
         if prep.error is not None:
             raise prep.error
         result = pipeline.process(
-            prep.volume,
+            prep.take_volume(),
             path=scan.path,
             scan_id=scan.scan_id,
             read_seconds=prep.read_seconds,

@@ -37,8 +37,10 @@ import torch
 import torch.nn.functional as F
 
 from ctcovid.io.errors import CTInputError, NoLungSlicesError
+from ctcovid.networks import batchnorm_folding
 
 from .bundles import StageModel, load_stage
+from .memory import release_free_memory
 
 __all__ = [
     "CTCovidPipeline",
@@ -76,10 +78,15 @@ STAGES = (
 #: 1.1-1.6x; see the README performance section for how much the outputs move.
 PRECISIONS = ("fp32", "bf16")
 
-#: Slices per forward pass when ``batch_size`` is not given: measured fastest per slice on each device
-#: (benchmarks/results/ct_pipeline.json: on a 2-core CPU ResNeXt-50 and the Attention U-Net run 1.5-2.5x
-#: slower per slice at 16 than at 4; GPUs need large batches to fill).
-DEFAULT_BATCH_SIZE = {"cpu": 4, "cuda": 32}
+#: Slices per forward pass when ``batch_size`` is not given, by device type and precision: measured
+#: fastest per slice (benchmarks/results/ct_pipeline.json, two sweeps on a 2-core CPU: in fp32 ResNeXt-50
+#: and the Attention U-Net run best at 2-8 and up to 2.5x slower per slice at 32; in bf16 at 8, ~15 %
+#: faster than at 4). GPUs need large batches to fill.
+DEFAULT_BATCH_SIZE = {"cpu": {"fp32": 4, "bf16": 8}, "cuda": {"fp32": 32, "bf16": 32}}
+
+#: Stages whose networks get their batch norms folded (``fold_batchnorm``): they run once per slice, so
+#: the 10-15 % they gain is most of the scan's network time.
+_FOLD_STAGES = ("slice_filter", "segmentation")
 
 #: ``"covid"``: grade severity only on scans predicted COVID-19; ``"always"``: on every scan; ``"never"``.
 SEVERITY_MODES = ("covid", "always", "never")
@@ -323,9 +330,11 @@ class CTResult:
 
 @contextmanager
 def _timed(res: CTResult, stage: str):
-    """Add the seconds a stage takes to ``res.timings_s`` and mark it ``ok`` when it finishes."""
+    """Add the seconds a stage takes to ``res.timings_s`` and mark it ``ok`` when it finishes; the heap
+    pages the stage freed go back to the system (:func:`release_free_memory`, timed with the stage)."""
     t = time.perf_counter()
     yield
+    release_free_memory()
     res.timings_s[stage] = res.timings_s.get(stage, 0.0) + time.perf_counter() - t
     if stage != "normalize":
         res.stages[stage] = "ok"
@@ -364,11 +373,17 @@ def _binary_keep_largest_args(transform, mask: np.ndarray) -> tuple[int, int] | 
 def _keep_largest_components(mask: np.ndarray, num_components: int, connectivity: int) -> np.ndarray:
     """The ``num_components`` largest connected components of a 0/1 mask, as MONAI's
     ``KeepLargestConnectedComponent`` computes them (same labelling, ranking and connectivity), with
-    32-bit labels: on a 300x512x512 mask about 3x faster and with a third of the memory (issue 9)."""
+    16-bit labels when they suffice (else 32-bit): on a 300x512x512 mask about 3x faster and with a sixth
+    to a third of the memory of MONAI's 64-bit labelling (issue 9)."""
     from scipy import ndimage
 
     structure = ndimage.generate_binary_structure(mask.ndim, connectivity)
-    labels, count = ndimage.label(mask, structure=structure, output=np.int32)
+    try:
+        labels, count = ndimage.label(mask, structure=structure, output=np.uint16)
+    except RuntimeError as e:  # more than 65535 provisional labels: scipy says so before writing any
+        if "bit-depth" not in str(e):
+            raise
+        labels, count = ndimage.label(mask, structure=structure, output=np.int32)
     if count <= num_components:
         return mask
     # bincount and fancy indexing copy their int32 input to int64: done in slabs, so the copies stay small
@@ -408,10 +423,20 @@ class _NormalizedViews:
         args = self.args_by_stage.get(stage.stage) or {}
         key = tuple(sorted(args.items()))
         if key not in self.cache:
+            if self.volume is None:
+                raise RuntimeError(f"{stage.stage}: its normalised view was not made before the scan was released")
             out = NormalizeCTIntensity(**args)(self.volume)
             out = out.as_tensor() if hasattr(out, "as_tensor") else torch.as_tensor(out)
             self.cache[key] = out.float().contiguous()
         return self.cache[key]
+
+    def release_source(self, stages: Sequence[StageModel]) -> None:
+        """Make the views of ``stages`` now and drop the reference to the scan's own intensities, which
+        nothing after normalisation reads: when the caller handed the volume over (``__call__``, the batch
+        runner) it is freed here instead of staying beside its normalised copy (315 MB for 300 slices)."""
+        for stage in stages:
+            self.get(stage)
+        self.volume = None
 
 
 class CTCovidPipeline:
@@ -421,12 +446,17 @@ class CTCovidPipeline:
         bundle_dir: folder holding the bundles (default :func:`ctcovid.bundle.bundles_root`).
         device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         batch_size: slices per forward pass in the slice-level stages (slice filter, segmentation);
-            default :data:`DEFAULT_BATCH_SIZE` of the device type.
+            default :data:`DEFAULT_BATCH_SIZE` of the device type and precision.
         precision: one of :data:`PRECISIONS`; ``"bf16"`` runs the network forward passes under
             ``torch.autocast`` in bfloat16. Inputs, outputs, the mask decision and Grad-CAM stay float32.
         channels_last: run the networks (and their inputs) in channels-last memory format. ``None``: each
             bundle's ``channels_last`` config value decides (set where it measured faster:
             ``benchmarks/results/ct_memory_format.json``). Results are the same up to float rounding.
+        fold_batchnorm: fold the batch norms of the slice-level networks (slice filter, segmenter) into
+            their convolutions once the weights are loaded (:func:`ctcovid.networks.fold_batchnorm`): the
+            same function up to float rounding, 10-15 % faster on CPU; :attr:`folded_batchnorms` counts
+            them per stage. The ensembles are left as built (Grad-CAM reads the detection members' layers,
+            and their timm norm+activation layers do not fold this way).
         flush_denormal: on CPU, flush denormal floats to zero (``torch.set_flush_denormal``). Off by
             default because it is process-wide processor state that other code can notice (numpy and
             hypothesis see subnormals vanish); ``ctcovid predict``/``demo``, which own their process, turn
@@ -470,6 +500,7 @@ class CTCovidPipeline:
         precision: str = "fp32",
         channels_last: bool | None = None,
         flush_denormal: bool = False,
+        fold_batchnorm: bool = True,
     ) -> None:
         if severity not in SEVERITY_MODES:
             raise ValueError(f"severity must be one of {SEVERITY_MODES}, got {severity!r}")
@@ -483,7 +514,7 @@ class CTCovidPipeline:
                 f"precision 'bf16' is not supported on {torch.cuda.get_device_name(self.device)}"
             )
         self.precision = precision
-        self.batch_size = int(batch_size or DEFAULT_BATCH_SIZE.get(self.device.type, 4))
+        self.batch_size = int(batch_size or DEFAULT_BATCH_SIZE.get(self.device.type, {}).get(precision, 4))
         if flush_denormal and self.device.type == "cpu":
             torch.set_flush_denormal(True)
         self.severity_mode = severity
@@ -501,6 +532,11 @@ class CTCovidPipeline:
         )
         self.detector = load_stage("detection", names["detection"], bundle_dir, self.device, skip_missing)
         self.grader = load_stage("severity", names["severity"], bundle_dir, self.device, skip_missing)
+        self.folded_batchnorms = {
+            stage: batchnorm_folding.fold_batchnorm(self.stage_models[stage].network) if fold_batchnorm else 0
+            for stage in _FOLD_STAGES
+            if self.stage_models[stage].available
+        }
         self.channels_last = {
             stage: bool(
                 m.config_value("channels_last", default=False) if channels_last is None else channels_last
@@ -567,8 +603,9 @@ class CTCovidPipeline:
     def __call__(self, path: str | os.PathLike, scan_id: str | None = None) -> CTResult:
         """Run every stage on the scan at ``path``; raises ``CTInputError`` for unusable input."""
         t0 = time.perf_counter()
-        volume = self.read(path)
-        return self.process(volume, path=path, scan_id=scan_id, read_seconds=time.perf_counter() - t0)
+        # the volume goes straight into process() (no name holds it here), so it can be freed there once
+        # normalised; arguments are evaluated in order, so read_seconds is taken after the read
+        return self.process(self.read(path), path=path, scan_id=scan_id, read_seconds=time.perf_counter() - t0)
 
     def process(
         self,
@@ -609,10 +646,12 @@ class CTCovidPipeline:
         res.stages["read"] = "ok"
         self._describe(res, volume, meta)
         norm = _NormalizedViews(volume, self._norm_args)
+        del volume  # from here on only `norm` holds the scan's own intensities, until it releases them
 
         notify("normalize")
         with _timed(res, "normalize"):
             image = norm.get(self.segmenter)  # (1, X, Y, Z) in [0, 1]
+            norm.release_source([m for m in self.stage_models.values() if m.available])
         res.image = image[0].numpy()
 
         # 1) slice filter network, before segmentation as in the paper (optional: else the mask area decides)

@@ -256,12 +256,20 @@ class MaskToLung(Transform):
 
     def __call__(self, img: NdarrayOrTensor, mask: NdarrayOrTensor) -> torch.Tensor:
         img = _to_tensor(img)
+        return self.apply(img, self.checked_mask(img, mask))
+
+    def checked_mask(self, img: torch.Tensor, mask: NdarrayOrTensor) -> torch.Tensor:
+        """``mask`` as a tensor on ``img``'s device; raises ``CTInputError`` if the shapes do not match."""
         mask = convert_to_tensor(mask, track_meta=False, device=img.device)
         if mask.ndim != img.ndim or mask.shape[1:] != img.shape[1:] or mask.shape[0] not in (1, img.shape[0]):
             raise CTInputError(
                 _scan_name(img),
                 f"lung mask shape {tuple(mask.shape)} does not match image shape {tuple(img.shape)}",
             )
+        return mask
+
+    def apply(self, img: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The masking itself, elementwise (so it can run piece by piece), on already checked inputs."""
         dtype = img.dtype if img.is_floating_point() else torch.float32
         background = torch.tensor(self.background, dtype=dtype, device=img.device)
         return torch.where(mask > self.mask_threshold, img.to(dtype), background)
@@ -346,6 +354,11 @@ class ResampleSlices(Transform):
 
     def __call__(self, img: NdarrayOrTensor) -> torch.Tensor:
         img = _to_tensor(img)
+        (out,) = _build_stacks(self.volume(img), [self])
+        return self.wrap(out, img)
+
+    def volume(self, img: torch.Tensor) -> torch.Tensor:
+        """The ``(X, Y, Z)`` plain tensor of a checked ``(1, X, Y, Z)`` or ``(X, Y, Z)`` input."""
         if img.ndim == 4:
             if img.shape[0] != 1:
                 raise CTInputError(
@@ -360,24 +373,73 @@ class ResampleSlices(Transform):
             )
         if vol.shape[-1] == 0:
             raise NoLungSlicesError(_scan_name(img), "no slices to resample")
-        x = vol.as_tensor() if isinstance(vol, MetaTensor) else vol
-        out = self._resample(x.to(torch.float32), depth_first=self._depth_first(x.shape))
-        out = out.permute(2, 0, 1).contiguous()  # (depth, H, W)
+        return vol.as_tensor() if isinstance(vol, MetaTensor) else vol
+
+    @staticmethod
+    def wrap(out: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
+        """``(H, W, depth)`` -> ``(depth, H, W)``, a MetaTensor with ``img``'s meta data (less the affine)
+        when ``img`` is one."""
+        out = out.permute(2, 0, 1).contiguous()
         if isinstance(img, MetaTensor) and get_track_meta():
             meta = {k: v for k, v in img.meta.items() if k != "affine"}
             return MetaTensor(out, meta=meta)
         return out
 
-    def _depth_first(self, shape: Sequence[int]) -> bool:
+    def depth_first(self, shape: Sequence[int]) -> bool:
+        """Whether resampling depth before the plane gives the smaller intermediate for an (X, Y, Z) input."""
         rows, cols, n = shape
         h, w = self.spatial_size
-        return self.depth * rows * cols < n * h * w  # the smaller intermediate result
+        return self.depth * rows * cols < n * h * w
 
-    def _resample(self, x: torch.Tensor, depth_first: bool) -> torch.Tensor:
-        """``(X, Y, Z)`` float32 -> ``(H, W, depth)``."""
-        if depth_first:
-            return _resample_plane(_resample_depth(x, self.depth), self.spatial_size)
-        return _resample_depth(_resample_plane(x, self.spatial_size).contiguous(), self.depth)
+
+#: Rows (depth-first) or slices (plane-first) per piece in :func:`_build_stacks`.
+_PIECE = 32
+
+
+def _build_stacks(
+    vol: torch.Tensor,
+    resamplers: Sequence[ResampleSlices],
+    mask: torch.Tensor | None = None,
+    masker: MaskToLung | None = None,
+    depth_first: bool | None = None,
+) -> list[torch.Tensor]:
+    """``(X, Y, Z)`` volume -> each resampler's ``(H, W, depth)`` float32, lung-masked first if ``mask``
+    (``(X, Y, Z)``, checked) is given.
+
+    Both resampling steps are separable: depth resampling treats every (x, y) column on its own, in-plane
+    resampling every slice on its own. So the masking and the first step run piece by piece along the
+    axis that step leaves independent (rows X when depth comes first, slices Z when the plane does) and
+    only the small first-step results are joined: the masked float32 volume is never held whole (315 MB
+    for 300 slices of 512x512; it was the pipeline's peak) and the numbers are those of masking the whole
+    volume first. Resamplers that share an order share the masked pieces. ``depth_first`` forces an
+    order (default: each resampler's cheaper one, :meth:`ResampleSlices.depth_first`).
+    """
+    out: list[torch.Tensor | None] = [None] * len(resamplers)
+    order = [r.depth_first(vol.shape) if depth_first is None else depth_first for r in resamplers]
+    for first_depth in (True, False):
+        group = [i for i in range(len(resamplers)) if order[i] == first_depth]
+        if not group:
+            continue
+        axis = 0 if first_depth else 2
+        parts: dict[int, list[torch.Tensor]] = {i: [] for i in group}
+        for start in range(0, vol.shape[axis], _PIECE):
+            piece = vol.narrow(axis, start, min(_PIECE, vol.shape[axis] - start))
+            if mask is not None and masker is not None:
+                piece = masker.apply(piece, mask.narrow(axis, start, piece.shape[axis]))
+            piece = piece.to(torch.float32)
+            for i in group:
+                r = resamplers[i]
+                step = _resample_depth(piece, r.depth) if first_depth else _resample_plane(piece, r.spatial_size)
+                parts[i].append(step)
+        for i in group:
+            r = resamplers[i]
+            first = torch.cat(parts[i], dim=axis)
+            out[i] = (
+                _resample_plane(first, r.spatial_size)
+                if first_depth
+                else _resample_depth(first.contiguous(), r.depth)
+            )
+    return out  # type: ignore[return-value]
 
 
 class ResampleSlicesd(MapTransform):
@@ -427,9 +489,9 @@ class BuildDetectionInput(Transform):
         self.resampler = ResampleSlices(depth, spatial_size)
 
     def __call__(self, img: NdarrayOrTensor, mask: NdarrayOrTensor | None = None) -> torch.Tensor:
-        if mask is not None:
-            img = self.masker(img, mask)
-        return self.resampler(img)
+        img = _to_tensor(img)
+        (out,) = _build_stacks(self.resampler.volume(img), [self.resampler], *_volume_mask(img, mask, self.masker))
+        return self.resampler.wrap(out, img)
 
 
 class BuildSeverityInput(Transform):
@@ -460,9 +522,20 @@ class BuildSeverityInput(Transform):
         self.resamplers = [ResampleSlices(d, spatial_size) for d in depths]
 
     def __call__(self, img: NdarrayOrTensor, mask: NdarrayOrTensor | None = None) -> torch.Tensor:
-        if mask is not None:
-            img = self.masker(img, mask)
-        return torch.cat([resample(img) for resample in self.resamplers], dim=0)
+        img = _to_tensor(img)
+        vol = self.resamplers[0].volume(img)
+        stacks = _build_stacks(vol, self.resamplers, *_volume_mask(img, mask, self.masker))
+        return torch.cat([r.wrap(out, img) for r, out in zip(self.resamplers, stacks)], dim=0)
+
+
+def _volume_mask(
+    img: torch.Tensor, mask: NdarrayOrTensor | None, masker: MaskToLung
+) -> tuple[torch.Tensor | None, MaskToLung | None]:
+    """``(mask as (X, Y, Z), masker)`` for :func:`_build_stacks`, or ``(None, None)`` without a mask."""
+    if mask is None:
+        return None, None
+    m = masker.checked_mask(img, mask)
+    return (m[0] if m.ndim == 4 else m), masker
 
 
 class _StackBuilderd(MapTransform):
