@@ -12,12 +12,9 @@ each bundle's ``channels_last`` config value. Writes ``benchmarks/results/ct_mem
 
 from __future__ import annotations
 
-import argparse
 import os
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -26,24 +23,20 @@ sys.path.insert(0, str(HERE))
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--seconds", type=float, default=3.0)
-    ap.add_argument("--workdir", default=None, help="where the random-weight bundles go (reused if present)")
-    ap.add_argument("--out", default=str(HERE / "results" / "ct_memory_format.json"))
-    args = ap.parse_args()
+    from common import median_call_seconds, network_bench_args, random_weight_bundles, write_bench_result
+
+    args = network_bench_args(__doc__, HERE / "results" / "ct_memory_format.json")
 
     import torch
-    from common import random_weight_bundles
 
     from ctcovid.pipelines import CTCovidPipeline
-    from ctcovid.pipelines.outputs import write_json_atomic
-    from ctcovid.profiling import describe_machine
 
     tmp = tempfile.TemporaryDirectory(prefix="ctcovid_memfmt_") if args.workdir is None else None
     work = Path(args.workdir or tmp.name)
     bundle_dir = random_weight_bundles(work / "bundles")
-    p = CTCovidPipeline(bundle_dir=bundle_dir, device=args.device, channels_last=False, flush_denormal=True)
+    p = CTCovidPipeline(
+        bundle_dir=bundle_dir, device=args.device, channels_last=False, flush_denormal=True, fold_batchnorm=False
+    )
     shapes = {
         "slice_filter": (4, 1, *p._stack_size(p.slice_filter, (224, 224))),
         "segmentation": (4, 1, *p._seg_size),
@@ -64,15 +57,8 @@ def main() -> None:
                     torch.inference_mode(),
                     torch.autocast(p.device.type, torch.bfloat16, enabled=precision == "bf16"),
                 ):
-                    net(xi)  # warm-up (kernel selection)
-                    times, end = [], time.perf_counter() + args.seconds
-                    while time.perf_counter() < end or len(times) < 3:
-                        t = time.perf_counter()
-                        net(xi)
-                        if p.device.type == "cuda":
-                            torch.cuda.synchronize(p.device)
-                        times.append(time.perf_counter() - t)
-                row[f"{fmt}_{precision}_s"] = round(statistics.median(times), 4)
+                    seconds = median_call_seconds(lambda: net(xi), args.seconds, p.device)  # noqa: B023
+                row[f"{fmt}_{precision}_s"] = round(seconds, 4)
         net.to(memory_format=torch.contiguous_format)
         for precision in ("fp32", "bf16"):
             row[f"channels_last_speedup_{precision}"] = round(
@@ -82,18 +68,8 @@ def main() -> None:
         row["bundle_channels_last"] = bool(p.stage_models[stage].config_value("channels_last", default=False))
         results[stage] = row
         print(stage, row, flush=True)
-    write_json_atomic(
-        {
-            "benchmark": "ct_memory_format",
-            "command": "python benchmarks/bench_memory_format.py " + " ".join(sys.argv[1:]),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "machine": describe_machine(args.device),
-            "note": "median seconds per forward call; random weights where none ship (same FLOPs)",
-            "networks": results,
-        },
-        Path(args.out),
-    )
-    print(f"wrote {args.out}")
+    note = "median seconds per forward call; random weights where none ship (same FLOPs)"
+    write_bench_result("ct_memory_format", "bench_memory_format.py", args.device, note, results, args.out)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,9 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -349,3 +351,57 @@ def random_weight_bundles(
         torch.save(network.state_dict(), weights)
         stamp_file.write_text(json.dumps(stamp, indent=2))
     return root
+
+
+def median_call_seconds(fn: Callable[[], Any], seconds: float, device: Any = None) -> float:
+    """Median wall seconds of ``fn()`` over about ``seconds`` (at least 3 calls) after one warm-up call
+    (kernel selection); CUDA is synchronised around each call when ``device`` is a CUDA device."""
+    import torch
+
+    def sync() -> None:
+        if device is not None and torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
+
+    fn()
+    times, end = [], time.perf_counter() + seconds
+    while time.perf_counter() < end or len(times) < 3:
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def network_bench_args(doc: str, default_out: Path) -> Any:
+    """Command line of the per-network benchmarks: ``--device``, ``--seconds`` per timing, ``--workdir``
+    for the random-weight bundles (reused if present), ``--out``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--workdir", default=None, help="where the random-weight bundles go (reused if present)")
+    ap.add_argument("--out", default=str(default_out))
+    return ap.parse_args()
+
+
+def write_bench_result(name: str, script: str, device: str, note: str, networks: dict, out: str | Path) -> None:
+    """Write a per-network benchmark's results with the command, date and machine (atomically)."""
+    import sys
+
+    from ctcovid.pipelines.outputs import write_json_atomic
+    from ctcovid.profiling import describe_machine
+
+    write_json_atomic(
+        {
+            "benchmark": name,
+            "command": f"python benchmarks/{script} " + " ".join(sys.argv[1:]),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "machine": describe_machine(device),
+            "note": note,
+            "networks": networks,
+        },
+        Path(out),
+    )
+    print(f"wrote {out}")

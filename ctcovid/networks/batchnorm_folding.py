@@ -2,8 +2,9 @@
 
 In eval mode ``BatchNorm2d(Conv2d(x))`` is one affine map per output channel after the convolution, so it
 can be merged into the convolution's weights and bias: the network computes the same function (up to float
-rounding, ~1e-7 relative) with one pass over each activation fewer. Measured on this 2-core CPU at batch 4,
-ResNeXt-50 at 224x224 runs 13-15 % faster (fp32 and bf16; ``benchmarks/results/ct_pipeline.json``).
+rounding) with one pass over each activation fewer. On a 2-core CPU, channels-last, the CT slice filter
+(ResNeXt-50) and lung segmenter (Attention U-Net) ran 15-26 % faster per call in fp32 and bf16
+(``benchmarks/bench_batchnorm_folding.py`` -> ``benchmarks/results/ct_batchnorm_folding.json``).
 
 The folding itself is PyTorch's (:func:`torch.ao.quantization.fuse_modules`, eval mode: the batch norm
 becomes ``nn.Identity``); written here is only finding *which* pairs may be folded, from the module's

@@ -75,7 +75,7 @@ STAGES = (
 
 #: Arithmetic of the network forward passes: ``"fp32"``, or ``"bf16"`` autocast (CPU with AVX-512 BF16 /
 #: AMX, CUDA from Ampere on): the networks ran 1.3-2.2x faster on a 2-core AVX-512 BF16 CPU, whole scans
-#: 1.1-1.6x; see the README performance section for how much the outputs move.
+#: 1.1-2.1x; see the README performance section for how much the outputs move.
 PRECISIONS = ("fp32", "bf16")
 
 #: Slices per forward pass when ``batch_size`` is not given, by device type and precision: measured
@@ -85,7 +85,7 @@ PRECISIONS = ("fp32", "bf16")
 DEFAULT_BATCH_SIZE = {"cpu": {"fp32": 4, "bf16": 8}, "cuda": {"fp32": 32, "bf16": 32}}
 
 #: Stages whose networks get their batch norms folded (``fold_batchnorm``): they run once per slice, so
-#: the 10-15 % they gain is most of the scan's network time.
+#: what they gain (15-26 % per call) counts most in a scan.
 _FOLD_STAGES = ("slice_filter", "segmentation")
 
 #: ``"covid"``: grade severity only on scans predicted COVID-19; ``"always"``: on every scan; ``"never"``.
@@ -454,7 +454,8 @@ class CTCovidPipeline:
             ``benchmarks/results/ct_memory_format.json``). Results are the same up to float rounding.
         fold_batchnorm: fold the batch norms of the slice-level networks (slice filter, segmenter) into
             their convolutions once the weights are loaded (:func:`ctcovid.networks.fold_batchnorm`): the
-            same function up to float rounding, 10-15 % faster on CPU; :attr:`folded_batchnorms` counts
+            same function up to float rounding, 15-26 % faster per call on a 2-core CPU
+            (``benchmarks/results/ct_batchnorm_folding.json``); :attr:`folded_batchnorms` counts
             them per stage. The ensembles are left as built (Grad-CAM reads the detection members' layers,
             and their timm norm+activation layers do not fold this way).
         flush_denormal: on CPU, flush denormal floats to zero (``torch.set_flush_denormal``). Off by
