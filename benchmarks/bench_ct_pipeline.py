@@ -182,17 +182,22 @@ def child(args) -> dict[str, Any]:
 
     logging.getLogger("pydicom").setLevel(logging.ERROR)
     work = Path(args.workdir)
+
+    def load(**options) -> CTCovidPipeline:
+        return CTCovidPipeline(
+            bundle_dir=args.bundle_dir,
+            device=args.device,
+            precision=args.precision,
+            batch_size=args.batch_size,
+            severity="always",
+            slice_threshold=0.0,
+            gradcam=True,
+            flush_denormal=True,  # as `ctcovid predict` runs it
+            **options,
+        )
+
     t = time.perf_counter()
-    pipeline = CTCovidPipeline(
-        bundle_dir=args.bundle_dir,
-        device=args.device,
-        precision=args.precision,
-        batch_size=args.batch_size,
-        severity="always",
-        slice_threshold=0.0,
-        gradcam=True,
-        flush_denormal=True,  # as `ctcovid predict` runs it
-    )
+    pipeline = load()
     load_s = time.perf_counter() - t
     rss_after_load = rss_bytes()
     scan = Path(args.scan)
@@ -290,17 +295,7 @@ def child(args) -> dict[str, Any]:
         # (same weights, same memory formats); the measured one is freed first
         del pipeline
         release_free_memory()
-        pipeline = CTCovidPipeline(
-            bundle_dir=args.bundle_dir,
-            device=args.device,
-            precision=args.precision,
-            batch_size=args.batch_size,
-            severity="always",
-            slice_threshold=0.0,
-            gradcam=True,
-            flush_denormal=True,
-            fold_batchnorm=False,
-        )
+        pipeline = load(fold_batchnorm=False)
         mem_b = PeakMemory(pipeline.device)
         mem_b.start("baseline")
         base = run_baseline(scan, pipeline, work / "baseline", gradcam=True)
