@@ -386,7 +386,7 @@ def _keep_largest_components(mask: np.ndarray, num_components: int, connectivity
         labels, count = ndimage.label(mask, structure=structure, output=np.int32)
     if count <= num_components:
         return mask
-    # bincount and fancy indexing copy their int32 input to int64: done in slabs, so the copies stay small
+    # bincount and fancy indexing copy their 16/32-bit labels to int64: done in slabs, so the copies stay small
     slabs = [slice(i, i + 32) for i in range(0, labels.shape[0], 32)]
     sizes = np.zeros(count + 1, dtype=np.int64)
     for slab in slabs:

@@ -424,7 +424,7 @@ def _build_stacks(
         parts: dict[int, list[torch.Tensor]] = {i: [] for i in group}
         for start in range(0, vol.shape[axis], _PIECE):
             piece = vol.narrow(axis, start, min(_PIECE, vol.shape[axis] - start))
-            if mask is not None and masker is not None:
+            if mask is not None and masker is not None:  # (ResampleSlices alone passes neither)
                 piece = masker.apply(piece, mask.narrow(axis, start, piece.shape[axis]))
             piece = piece.to(torch.float32)
             for i in group:
@@ -489,9 +489,7 @@ class BuildDetectionInput(Transform):
         self.resampler = ResampleSlices(depth, spatial_size)
 
     def __call__(self, img: NdarrayOrTensor, mask: NdarrayOrTensor | None = None) -> torch.Tensor:
-        img = _to_tensor(img)
-        (out,) = _build_stacks(self.resampler.volume(img), [self.resampler], *_volume_mask(img, mask, self.masker))
-        return self.resampler.wrap(out, img)
+        return _masked_stacks(img, mask, self.masker, [self.resampler])[0]
 
 
 class BuildSeverityInput(Transform):
@@ -522,20 +520,21 @@ class BuildSeverityInput(Transform):
         self.resamplers = [ResampleSlices(d, spatial_size) for d in depths]
 
     def __call__(self, img: NdarrayOrTensor, mask: NdarrayOrTensor | None = None) -> torch.Tensor:
-        img = _to_tensor(img)
-        vol = self.resamplers[0].volume(img)
-        stacks = _build_stacks(vol, self.resamplers, *_volume_mask(img, mask, self.masker))
-        return torch.cat([r.wrap(out, img) for r, out in zip(self.resamplers, stacks)], dim=0)
+        return torch.cat(_masked_stacks(img, mask, self.masker, self.resamplers), dim=0)
 
 
-def _volume_mask(
-    img: torch.Tensor, mask: NdarrayOrTensor | None, masker: MaskToLung
-) -> tuple[torch.Tensor | None, MaskToLung | None]:
-    """``(mask as (X, Y, Z), masker)`` for :func:`_build_stacks`, or ``(None, None)`` without a mask."""
-    if mask is None:
-        return None, None
-    m = masker.checked_mask(img, mask)
-    return (m[0] if m.ndim == 4 else m), masker
+def _masked_stacks(
+    img: NdarrayOrTensor, mask: NdarrayOrTensor | None, masker: MaskToLung, resamplers: Sequence[ResampleSlices]
+) -> list[torch.Tensor]:
+    """Each resampler's ``(depth, H, W)`` stack of ``img``, lung-masked by ``masker`` when ``mask`` is given
+    (the body of the ``Build*Input`` transforms; :func:`_build_stacks` does the work)."""
+    img = _to_tensor(img)
+    vol = resamplers[0].volume(img)
+    if mask is not None:
+        mask = masker.checked_mask(img, mask)
+        mask = mask[0] if mask.ndim == 4 else mask
+    stacks = _build_stacks(vol, resamplers, mask, masker)
+    return [r.wrap(out, img) for r, out in zip(resamplers, stacks)]
 
 
 class _StackBuilderd(MapTransform):
