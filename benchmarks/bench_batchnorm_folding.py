@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -26,21 +25,16 @@ sys.path.insert(0, str(HERE))
 
 
 def main() -> None:
-    from common import median_call_seconds, network_bench_args, random_weight_bundles, write_bench_result
+    from common import median_call_seconds, network_bench_args, random_weight_pipeline, write_bench_result
 
     args = network_bench_args(__doc__, HERE / "results" / "ct_batchnorm_folding.json")
 
     import torch
 
     from ctcovid.networks import fold_batchnorm
-    from ctcovid.pipelines import CTCovidPipeline
 
-    tmp = tempfile.TemporaryDirectory(prefix="ctcovid_bnfold_") if args.workdir is None else None
-    work = Path(args.workdir or tmp.name)
-    bundle_dir = random_weight_bundles(work / "bundles", names=("ct_lung_slice_filter", "ct_lung_segmentation"))
-    p = CTCovidPipeline(
-        bundle_dir=bundle_dir, device=args.device, fold_batchnorm=False, skip_missing=True, flush_denormal=True
-    )
+    names = ("ct_lung_slice_filter", "ct_lung_segmentation")
+    p = random_weight_pipeline(args, names, fold_batchnorm=False, skip_missing=True)
     sizes = {"slice_filter": p._stack_size(p.slice_filter, (224, 224)), "segmentation": p._seg_size}
     cl = torch.channels_last
     results: dict[str, dict] = {}

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -23,20 +22,13 @@ sys.path.insert(0, str(HERE))
 
 
 def main() -> None:
-    from common import median_call_seconds, network_bench_args, random_weight_bundles, write_bench_result
+    from common import median_call_seconds, network_bench_args, random_weight_pipeline, write_bench_result
 
     args = network_bench_args(__doc__, HERE / "results" / "ct_memory_format.json")
 
     import torch
 
-    from ctcovid.pipelines import CTCovidPipeline
-
-    tmp = tempfile.TemporaryDirectory(prefix="ctcovid_memfmt_") if args.workdir is None else None
-    work = Path(args.workdir or tmp.name)
-    bundle_dir = random_weight_bundles(work / "bundles")
-    p = CTCovidPipeline(
-        bundle_dir=bundle_dir, device=args.device, channels_last=False, flush_denormal=True, fold_batchnorm=False
-    )
+    p = random_weight_pipeline(args, channels_last=False, fold_batchnorm=False)
     shapes = {
         "slice_filter": (4, 1, *p._stack_size(p.slice_filter, (224, 224))),
         "segmentation": (4, 1, *p._seg_size),

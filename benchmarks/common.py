@@ -405,3 +405,18 @@ def write_bench_result(name: str, script: str, device: str, note: str, networks:
         Path(out),
     )
     print(f"wrote {out}")
+
+
+def random_weight_pipeline(args: Any, names: Sequence[str] | None = None, **options: Any):
+    """A ``CTCovidPipeline`` on :func:`random_weight_bundles` copies in ``args.workdir`` (reused there) or in
+    a temporary folder removed once the networks are loaded, on ``args.device``, denormals flushed as
+    ``ctcovid predict`` runs; ``options`` go to the pipeline."""
+    import tempfile
+    from contextlib import ExitStack
+
+    from ctcovid.pipelines import CTCovidPipeline
+
+    with ExitStack() as stack:
+        work = args.workdir or stack.enter_context(tempfile.TemporaryDirectory(prefix="ctcovid_bench_"))
+        bundle_dir = random_weight_bundles(Path(work) / "bundles", names=names)
+        return CTCovidPipeline(bundle_dir=bundle_dir, device=args.device, flush_denormal=True, **options)
