@@ -7,6 +7,7 @@ Tests that need it skip with the reason when it is absent; they never download a
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -17,12 +18,33 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DATA_ROOT = Path(os.environ.get("CTCOVID_DATA", PROJECT_ROOT.parent / "shared" / "data")).resolve()
 
 
+#: The CT bundles ``seg_only_bundles`` copies without weights (only the lung segmenter ships weights).
+WEIGHTLESS_CT_BUNDLES = ("ct_lung_slice_filter", "ct_covid_classification", "ct_covid_severity_classification")
+
+
 def data_path(*parts: str) -> Path:
     """Path under the shared data folder; skips the calling test with a clear reason if it is absent."""
     path = DATA_ROOT.joinpath(*parts)
     if not path.exists():
         pytest.skip(f"real data not available: {path} (set CTCOVID_DATA to the shared data folder)")
     return path
+
+
+@pytest.fixture(scope="session")
+def seg_only_bundles(tmp_path_factory) -> Path:
+    """The shipped lung segmenter (linked, read-only) and the other CT bundles' configs without weights:
+    cheap to load, and every weightless stage is skipped or refused as a user would see it."""
+    from ctcovid.bundle import bundles_root
+
+    seg = bundles_root() / "ct_lung_segmentation"
+    if not (seg / "models" / "model.pt").is_file():
+        pytest.skip(f"the lung segmenter has no shipped weights yet ({seg / 'models' / 'model.pt'})")
+    root = tmp_path_factory.mktemp("seg_only_bundles")
+    os.symlink(seg, root / seg.name)
+    for name in WEIGHTLESS_CT_BUNDLES:
+        shutil.copytree(bundles_root() / name / "configs", root / name / "configs")
+        (root / name / "models").mkdir()
+    return root
 
 
 @pytest.fixture(scope="session")

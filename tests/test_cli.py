@@ -10,7 +10,6 @@ import csv
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,22 +24,6 @@ SEG_BUNDLE = "ct_lung_segmentation"
 DET_BUNDLE = "ct_covid_classification"
 SEV_BUNDLE = "ct_covid_severity_classification"
 FILTER_BUNDLE = "ct_lung_slice_filter"
-
-
-@pytest.fixture(scope="module")
-def seg_only_bundles(tmp_path_factory) -> Path:
-    """The shipped segmenter (linked) and the other CT bundles' configs without weights (cheap to load)."""
-    from ctcovid.bundle import bundles_root
-
-    seg = bundles_root() / SEG_BUNDLE
-    if not (seg / "models" / "model.pt").is_file():
-        pytest.skip(f"the lung segmenter has no shipped weights yet ({seg / 'models' / 'model.pt'})")
-    root = tmp_path_factory.mktemp("cli_bundles")
-    os.symlink(seg, root / SEG_BUNDLE)
-    for name in (FILTER_BUNDLE, DET_BUNDLE, SEV_BUNDLE):
-        shutil.copytree(bundles_root() / name / "configs", root / name / "configs")
-        (root / name / "models").mkdir()
-    return root
 
 
 def test_help_lists_commands_and_exit_codes(capsys):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import os
 import random
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,9 +29,6 @@ from ctcovid.pipelines.distributed import (
 )
 from ctcovid.pipelines.outputs import write_csv_atomic
 from ctcovid.pipelines.scans import ScanInput
-
-SEG_BUNDLE = "ct_lung_segmentation"
-WEIGHTLESS_BUNDLES = ("ct_lung_slice_filter", "ct_covid_classification", "ct_covid_severity_classification")
 
 
 # ---------------------------------------------------------------------------------------------- sharding
@@ -171,22 +167,6 @@ def _write_dicom_series(folder: Path, hu: np.ndarray) -> None:
         ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
         ds.PixelData = (hu[:, :, k].T.astype(np.int32) + 1024).astype(np.uint16).tobytes()
         save_dataset(ds, folder / f"IM{k:04d}.dcm")
-
-
-@pytest.fixture(scope="module")
-def seg_only_bundles(tmp_path_factory) -> Path:
-    """The shipped lung segmenter (linked) and the other CT bundles' configs without weights."""
-    from ctcovid.bundle import bundles_root
-
-    seg = bundles_root() / SEG_BUNDLE
-    if not (seg / "models" / "model.pt").is_file():
-        pytest.skip(f"the lung segmenter has no shipped weights yet ({seg / 'models' / 'model.pt'})")
-    root = tmp_path_factory.mktemp("dist_bundles")
-    os.symlink(seg, root / SEG_BUNDLE)
-    for name in WEIGHTLESS_BUNDLES:
-        shutil.copytree(bundles_root() / name / "configs", root / name / "configs")
-        (root / name / "models").mkdir()
-    return root
 
 
 def _torchrun(args: list[str], tmp_path: Path, wrap_exit_codes: bool) -> subprocess.CompletedProcess:
