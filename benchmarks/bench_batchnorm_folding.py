@@ -35,11 +35,11 @@ def main() -> None:
 
     names = ("ct_lung_slice_filter", "ct_lung_segmentation")
     p = random_weight_pipeline(args, names, fold_batchnorm=False, skip_missing=True)
-    sizes = {"slice_filter": p._stack_size(p.slice_filter, (224, 224)), "segmentation": p._seg_size}
+    sizes = {"slice_filter": p.slice_filter.in_plane_size((224, 224)), "segmentation": p.stage("segmentation").size}
     cl = torch.channels_last
     results: dict[str, dict] = {}
     for stage, size in sizes.items():
-        plain = p.stage_models[stage].network.to(memory_format=cl)
+        plain = p.models[stage].network.to(memory_format=cl)
         folded = copy.deepcopy(plain)
         row: dict = {"folded_batchnorms": fold_batchnorm(folded), "in_plane_size": list(size)}
         folded.to(memory_format=cl)

@@ -79,25 +79,25 @@ def _time_it(fn, device, repeats: int = 1) -> float:
 
 def _stage_inputs(pipeline, volume, res) -> dict[str, Any]:
     """The exact network inputs of each stage for this scan, built as the pipeline builds them."""
-    from ctcovid.pipelines.ct import _NormalizedViews, _take_slices
+    from ctcovid.ct.context import NormalizedViews, take_slices
 
-    norm = _NormalizedViews(volume, pipeline._norm_args)
+    norm = NormalizedViews(volume, pipeline.normalization_args)
     out: dict[str, Any] = {}
-    size = pipeline._stack_size(pipeline.slice_filter, (224, 224))
+    size = pipeline.slice_filter.in_plane_size((224, 224))
     out["slice_filter"] = [
-        b for _, b in pipeline._slice_batches(norm.get(pipeline.slice_filter), size, "slice_filter")
+        b for _, b in pipeline.runner.slice_batches(norm.get(pipeline.slice_filter), size, "slice_filter")
     ]
     out["segmentation"] = [
         b
-        for _, b in pipeline._slice_batches(norm.get(pipeline.segmenter), pipeline._seg_size, "segmentation")
+        for _, b in pipeline.runner.slice_batches(norm.get(pipeline.segmenter), pipeline.stage("segmentation").size, "segmentation")
     ]
     import torch
 
-    kept_mask = _take_slices(torch.from_numpy(res.lung_mask)[None], res.kept_slices)
-    x = pipeline._detection_input(_take_slices(norm.get(pipeline.detector), res.kept_slices), kept_mask)
-    out["detection"] = pipeline._network_input("detection", x)
-    x = pipeline._severity_input(_take_slices(norm.get(pipeline.grader), res.kept_slices), kept_mask)
-    out["severity"] = pipeline._network_input("severity", x)
+    kept_mask = take_slices(torch.from_numpy(res.lung_mask)[None], res.kept_slices)
+    x = pipeline.stage("detection").build_input(pipeline, take_slices(norm.get(pipeline.detector), res.kept_slices), kept_mask)
+    out["detection"] = pipeline.runner.network_input("detection", x)
+    x = pipeline.stage("severity").build_input(pipeline, take_slices(norm.get(pipeline.grader), res.kept_slices), kept_mask)
+    out["severity"] = pipeline.runner.network_input("severity", x)
     return out
 
 
@@ -106,7 +106,7 @@ def _networks_alone(pipeline, inputs: dict[str, Any], class_index: int, repeats:
     import torch
 
     dev = pipeline.device
-    ac = pipeline._autocast
+    ac = pipeline.runner.autocast
 
     def slices(net, batches):
         def run():
@@ -176,9 +176,9 @@ def child(args) -> dict[str, Any]:
     """One (scan, precision) measurement; returns a JSON-ready dict."""
     import numpy as np
 
-    from ctcovid.pipelines import CTCovidPipeline
-    from ctcovid.pipelines.memory import release_free_memory
+    from ctcovid.ct import CTCovidPipeline
     from ctcovid.profiling import PeakMemory, rss_bytes
+    from ctcovid.running.memory import release_free_memory
 
     logging.getLogger("pydicom").setLevel(logging.ERROR)
     work = Path(args.workdir)
@@ -334,7 +334,7 @@ def _batch_sweep(
     """Seconds per slice of the slice-level networks at each batch size (random [0, 1] slices)."""
     import torch
 
-    from ctcovid.pipelines import CTCovidPipeline
+    from ctcovid.ct import CTCovidPipeline
 
     out: dict[str, Any] = {}
     for precision in precisions:
@@ -342,15 +342,15 @@ def _batch_sweep(
             bundle_dir=bundle_dir, device=device, precision=precision, skip_missing=True, flush_denormal=True
         )
         for stage, model, size in (
-            ("slice_filter", p.slice_filter, p._stack_size(p.slice_filter, (224, 224))),
-            ("segmentation", p.segmenter, p._seg_size),
+            ("slice_filter", p.slice_filter, p.slice_filter.in_plane_size((224, 224))),
+            ("segmentation", p.segmenter, p.stage("segmentation").size),
         ):
             if not model.available:
                 continue
             row = {}
             for bs in sizes:
-                x = p._network_input(stage, torch.rand(bs, 1, *size))
-                with torch.inference_mode(), p._autocast():
+                x = p.runner.network_input(stage, torch.rand(bs, 1, *size))
+                with torch.inference_mode(), p.runner.autocast():
                     model.network(x)  # warm-up
                     n, t = 0, time.perf_counter()
                     while True:
@@ -434,7 +434,7 @@ def main() -> None:
     import torch
     from common import random_weight_bundles, write_synthetic_ct_series
 
-    from ctcovid.pipelines.outputs import write_json_atomic
+    from ctcovid.io.atomic import write_json_atomic
     from ctcovid.profiling import describe_machine, matmul_throughput
 
     tmp = tempfile.TemporaryDirectory(prefix="ctcovid_bench_") if args.workdir is None else None

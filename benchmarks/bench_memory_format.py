@@ -30,14 +30,14 @@ def main() -> None:
 
     p = random_weight_pipeline(args, channels_last=False, fold_batchnorm=False)
     shapes = {
-        "slice_filter": (4, 1, *p._stack_size(p.slice_filter, (224, 224))),
-        "segmentation": (4, 1, *p._seg_size),
-        "detection": (1, 64, *p._stack_size(p.detector, (224, 224))),
-        "severity": (1, 48, *p._stack_size(p.grader, (299, 299))),
+        "slice_filter": (4, 1, *p.slice_filter.in_plane_size((224, 224))),
+        "segmentation": (4, 1, *p.stage("segmentation").size),
+        "detection": (1, 64, *p.detector.in_plane_size((224, 224))),
+        "severity": (1, 48, *p.grader.in_plane_size((299, 299))),
     }
     results: dict[str, dict] = {}
     for stage, shape in shapes.items():
-        net = p.stage_models[stage].network
+        net = p.models[stage].network
         x = torch.rand(*shape, generator=torch.Generator().manual_seed(0)).to(p.device)
         row = {}
         for fmt in ("contiguous", "channels_last"):
@@ -57,7 +57,7 @@ def main() -> None:
                 row[f"contiguous_{precision}_s"] / row[f"channels_last_{precision}_s"], 2
             )
         row["input_shape"] = list(shape)
-        row["bundle_channels_last"] = bool(p.stage_models[stage].config_value("channels_last", default=False))
+        row["bundle_channels_last"] = bool(p.models[stage].config_value("channels_last", default=False))
         results[stage] = row
         print(stage, row, flush=True)
     note = "median seconds per forward call; random weights where none ship (same FLOPs)"

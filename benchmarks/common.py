@@ -5,7 +5,7 @@
   the benchmarks time a 300-slice 512x512 scan that no data set here provides, and the tests run the
   pipeline on a scan whose anatomy is known.
 - :func:`random_weight_bundles`: a copy of the CT bundles in which every network that ships no trained
-  weights gets randomly initialised ones, so :class:`ctcovid.pipelines.CTCovidPipeline` loads all four
+  weights gets randomly initialised ones, so :class:`ctcovid.ct.CTCovidPipeline` loads all four
   stages. For benchmarking only: random weights cost exactly the FLOPs of trained ones, but the outputs
   mean nothing.
 
@@ -278,7 +278,7 @@ def random_weight_bundles(
     probabilities mean nothing. A bundle that ships ``models/model.pt`` keeps it (hard link, else copy:
     never write into the copy's ``model.pt``, it may be the shipped file);
     for the others the ``network_def`` of ``configs/inference.json`` is built as
-    :func:`ctcovid.pipelines.bundles.load_stage` builds it (:func:`~ctcovid.pipelines.bundles.read_bundle_config`
+    :func:`ctcovid.bundle.loading.load_stage` builds it (:func:`~ctcovid.bundle.loading.read_bundle_config`
     with ``bundle_root`` set to the copy), under ``torch.manual_seed(seed + i)`` for the i-th bundle named
     (the global RNG state is restored), and its ``state_dict`` saved as ``models/model.pt``. A file
     ``models/random_weights.json`` marks such weights; a later call with the same source config, seed
@@ -300,7 +300,7 @@ def random_weight_bundles(
     import torch
 
     from ctcovid.bundle import bundles_root
-    from ctcovid.pipelines.bundles import WEIGHTS_FILE, read_bundle_config
+    from ctcovid.bundle.loading import WEIGHTS_FILE, read_bundle_config
 
     root = Path(dst)
     root.mkdir(parents=True, exist_ok=True)
@@ -390,7 +390,7 @@ def write_bench_result(name: str, script: str, device: str, note: str, networks:
     """Write a per-network benchmark's results with the command, date and machine (atomically)."""
     import sys
 
-    from ctcovid.pipelines.outputs import write_json_atomic
+    from ctcovid.io.atomic import write_json_atomic
     from ctcovid.profiling import describe_machine
 
     write_json_atomic(
@@ -414,7 +414,7 @@ def random_weight_pipeline(args: Any, names: Sequence[str] | None = None, **opti
     import tempfile
     from contextlib import ExitStack
 
-    from ctcovid.pipelines import CTCovidPipeline
+    from ctcovid.ct import CTCovidPipeline
 
     with ExitStack() as stack:
         work = args.workdir or stack.enter_context(tempfile.TemporaryDirectory(prefix="ctcovid_bench_"))

@@ -1,20 +1,20 @@
 """The CT pipeline run the way the paper's published code runs it: the benchmarks' slow baseline.
 
-:func:`run_baseline` computes what :class:`ctcovid.pipelines.CTCovidPipeline` computes, with the same
+:func:`run_baseline` computes what :class:`ctcovid.ct.CTCovidPipeline` computes, with the same
 network objects (so outputs are comparable and the speed ratio is fair), but organised as research
 scripts usually are, one slice and one model call at a time:
 
 - read: each DICOM file read on its own with ``pydicom.dcmread`` (pixels included), the series sorted by
   ImagePositionPatient along the slice normal; a NIfTI read with nibabel ``get_fdata()`` (float64) and
   cut slice by slice. Each slice is rescaled to HU and normalised to [0, 1] in NumPy float64 with each
-  stage's ``NormalizeCTIntensity`` settings (``pipeline._norm_args``: lung window for HU, volume
+  stage's ``NormalizeCTIntensity`` settings (``pipeline.normalization_args``: lung window for HU, volume
   percentiles for display values), giving the same numbers as :mod:`ctcovid.transforms.intensity`.
 - slice filter, segmentation: every slice resized on its own with SciPy (float64, bilinear on pixel
   centres, the same sampling as the pipeline's ``F.interpolate(..., align_corners=False)``), then one
   model call per slice at batch 1 under ``torch.no_grad()``: ``torch.from_numpy(...).float().to(device)``
   in and ``.cpu().numpy()`` out on every call, softmax in NumPy float64. The segmenter's class
   probabilities are resized back per slice and arg-maxed (the pipeline thresholds P(lung) at 0.5: the
-  same decision), then the bundle's label clean-up (``pipeline._mask_post``) runs on the 3D mask.
+  same decision), then the bundle's label clean-up (``pipeline.stage("segmentation").cleanup``) runs on the 3D mask.
 - slice selection: the pipeline's rule (slice-filter probability >= ``pipeline.slice_threshold``, or
   without slice-filter weights lung-mask area >= ``pipeline.min_lung_area`` of the slice).
 - volume building: the kept slices lung-masked where the bundle's ``mask_lung`` says so, each resized on
@@ -29,7 +29,7 @@ scripts usually are, one slice and one model call at a time:
 - detection, severity: each ensemble member called on its own (fresh host-to-device copy each time),
   probabilities averaged in NumPy; severity graded on predicted COVID-19 only, on every scan with
   ``pipeline.severity_mode == "always"``, never with ``"never"``.
-- Grad-CAM: per detection member, same target layer as ``pipeline._gradcam_layer``, maps averaged and
+- Grad-CAM: per detection member, same target layer as ``DetectionStage.gradcam_layer``, maps averaged and
   resized to the scan's in-plane size in NumPy.
 - write: the lung mask with ``nibabel.save`` and a JSON record with ``json.dump``, written in place (no
   temporary file and rename).
@@ -211,7 +211,7 @@ def _segment(pipeline, slices, device) -> np.ndarray:
     """``(X, Y, Z)`` uint8 lung mask: per-slice probabilities resized back and arg-maxed, then clean-up."""
     x_size = slices[0].shape
     mask = np.zeros((*x_size, len(slices)), dtype=np.uint8)
-    size = pipeline._seg_size
+    size = pipeline.stage("segmentation").size
     for k, s in enumerate(slices):
         x = torch.from_numpy(_resize(s, size)[None, None]).float().to(device)
         with torch.no_grad():
@@ -219,7 +219,7 @@ def _segment(pipeline, slices, device) -> np.ndarray:
         prob = _softmax(logits.cpu().numpy()[0])  # (C, h, w)
         back = np.stack([_resize(p, x_size) for p in prob])  # each class resized back on its own
         mask[:, :, k] = (back.argmax(axis=0) > 0).astype(np.uint8)  # any lung label
-    for transform in pipeline._mask_post:  # the segmenter bundle's own clean-up, as the pipeline applies it
+    for transform in pipeline.stage("segmentation").cleanup:  # the segmenter bundle's own clean-up, as the pipeline applies it
         d = transform({key: torch.from_numpy(mask)[None] for key in transform.keys})
         mask = np.asarray(torch.as_tensor(d[transform.keys[0]])[0].cpu(), dtype=np.uint8)
     return mask
@@ -255,7 +255,7 @@ def run_baseline(
 
     Args:
         scan: a DICOM series folder or a NIfTI file.
-        pipeline: a loaded :class:`ctcovid.pipelines.CTCovidPipeline`; its networks, thresholds, bundle
+        pipeline: a loaded :class:`ctcovid.ct.CTCovidPipeline`; its networks, thresholds, bundle
             settings and device are used, its code is not.
         workdir: folder for the prepared ``.npy`` inputs and the outputs (``<id>_lung_mask.nii.gz``,
             ``<id>.json``); created.
@@ -271,21 +271,16 @@ def run_baseline(
     Raises:
         ctcovid.io.errors.NoLungSlicesError: no slice is kept.
     """
+    from ctcovid.ct.stages.detection import DEFAULT_DETECTION_CLASSES, covid_index
     from ctcovid.io.ct_volume import infer_intensity_domain
     from ctcovid.io.errors import NoLungSlicesError
-    from ctcovid.pipelines.ct import _DEFAULT_DETECTION_CLASSES, _covid_index
-    from ctcovid.pipelines.scans import _scan_name
+    from ctcovid.running.scans import scan_name
 
     scan, work = Path(scan), Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
     device = pipeline.device
     timings: dict[str, float] = {}
-    stages = {
-        "slice_filter": pipeline.slice_filter,
-        "segmentation": pipeline.segmenter,
-        "detection": pipeline.detector,
-        "severity": pipeline.grader,
-    }
+    stages = pipeline.models
     grade = pipeline.grader.available and pipeline.severity_mode != "never"
 
     # read: one file / one slice at a time, float64, normalised per slice with each stage's settings
@@ -301,7 +296,7 @@ def run_baseline(
         for name, stage in stages.items():
             if not stage.available:
                 continue
-            args = pipeline._norm_args.get(name) or {}
+            args = pipeline.normalization_args.get(name) or {}
             key = tuple(sorted(args.items()))
             if key not in by_args:
                 normalize = _normalizer(args, domain, raw)
@@ -312,9 +307,9 @@ def run_baseline(
     slice_prob = None
     if pipeline.slice_filter.available:
         with _timed(timings, "slice_filter"):
-            names = [n.lower() for n in pipeline._class_names(pipeline.slice_filter, ("non-lung", "lung"))]
+            names = [n.lower() for n in pipeline.slice_filter.class_names(("non-lung", "lung"))]
             lung = names.index("lung") if "lung" in names else 1
-            size = pipeline._stack_size(pipeline.slice_filter, (224, 224))
+            size = pipeline.slice_filter.in_plane_size((224, 224))
             probs = _per_slice_probabilities(
                 pipeline.slice_filter.network, norm["slice_filter"], size, device
             )
@@ -344,7 +339,7 @@ def run_baseline(
                     mask,
                     kept,
                     (int(getattr(member, "in_slices", 64)),),
-                    pipeline._stack_size(pipeline.detector, (224, 224)),
+                    pipeline.detector.in_plane_size((224, 224)),
                     bool(pipeline.detector.config_value("mask_lung", default=True)),
                 )
                 np.save(det_file, x)
@@ -355,13 +350,13 @@ def run_baseline(
                     mask,
                     kept,
                     (int(getattr(member, "slices_a", 32)), int(getattr(member, "slices_b", 16))),
-                    pipeline._stack_size(pipeline.grader, (299, 299)),
+                    pipeline.grader.in_plane_size((299, 299)),
                     bool(pipeline.grader.config_value("mask_lung", default=True)),
                 )
                 np.save(sev_file, x)
 
     result: dict[str, Any] = {
-        "scan_id": _scan_name(scan),
+        "scan_id": scan_name(scan),
         "kept_slices": kept,
         "lung_mask": mask,
         "slice_probabilities": None if slice_prob is None else [float(p) for p in slice_prob],
@@ -372,13 +367,13 @@ def run_baseline(
         "severity_probabilities": None,
         "severity_member_probabilities": None,
     }
-    covid_index = 1
+    covid_class = 1
     if pipeline.detector.available:
         with _timed(timings, "detection"):
             x = np.load(det_file)
             members = _ensemble_probabilities(pipeline.detector.network, x, device)
-            covid_index = _covid_index(pipeline._class_names(pipeline.detector, _DEFAULT_DETECTION_CLASSES))
-            p_covid = float(members[:, covid_index].mean())
+            covid_class = covid_index(pipeline.detector.class_names(DEFAULT_DETECTION_CLASSES))
+            p_covid = float(members[:, covid_class].mean())
             result["covid_member_probabilities"] = members.tolist()
             result["covid_probability"] = p_covid
             result["prediction"] = "COVID-19" if p_covid >= pipeline.covid_threshold else "non-COVID-19"
@@ -390,8 +385,8 @@ def run_baseline(
                 maps = []
                 for member in pipeline.detector.network.members:
                     t = torch.from_numpy(x[None]).float().to(device)
-                    layer = pipeline._gradcam_layer(member)
-                    maps.append(gradcam_heatmap(member, t, layer, class_index=covid_index).astype(np.float64))
+                    layer = pipeline.stage("detection").gradcam_layer(pipeline, member)
+                    maps.append(gradcam_heatmap(member, t, layer, class_index=covid_class).astype(np.float64))
                 result["heatmap"] = np.clip(_resize(np.mean(maps, axis=0), x_size), 0.0, 1.0)
 
     if grade and (pipeline.severity_mode == "always" or result["prediction"] == "COVID-19"):

@@ -103,7 +103,7 @@ def pipeline(tmp_path_factory):
     seg = bundles_root() / "ct_lung_segmentation" / "models" / "model.pt"
     if not seg.is_file():
         pytest.skip(f"the lung segmenter has no shipped weights ({seg})")
-    from ctcovid.pipelines import CTCovidPipeline
+    from ctcovid.ct import CTCovidPipeline
 
     root = random_weight_bundles(tmp_path_factory.mktemp("bundles"), overrides=SMALL)
     pipe = CTCovidPipeline(bundle_dir=root, device="cpu", batch_size=8, severity="always", gradcam=True)
@@ -113,13 +113,13 @@ def pipeline(tmp_path_factory):
     return pipe
 
 
-def _without(pipe, *stages: str, **attrs):
-    """A shallow copy of ``pipe`` in which the named stage models have no network (as without weights)."""
+def _without(pipe, *models: str, **attrs):
+    """A shallow copy of ``pipe`` in which the named models have no network (as without weights)."""
     out = copy.copy(pipe)
-    for stage in stages:
-        setattr(
-            out, stage, dataclasses.replace(getattr(pipe, stage), network=None, skipped="off in this test")
-        )
+    out.models = {
+        key: dataclasses.replace(m, network=None, skipped="off in this test") if key in models else m
+        for key, m in pipe.models.items()
+    }
     for k, v in attrs.items():
         setattr(out, k, v)
     return out
@@ -130,7 +130,7 @@ def _normalized(pipe, stage: str, series: Path) -> torch.Tensor:
     from ctcovid.io import load_ct
     from ctcovid.transforms import NormalizeCTIntensity
 
-    return NormalizeCTIntensity(**(pipe._norm_args.get(stage) or {}))(load_ct(series)).as_tensor().float()
+    return NormalizeCTIntensity(**(pipe.normalization_args.get(stage) or {}))(load_ct(series)).as_tensor().float()
 
 
 def _stacks_nearest(img, mask, kept, depths, size) -> torch.Tensor:
@@ -283,7 +283,7 @@ def test_baseline_matches_pipeline_on_all_stages(series, pipeline, tmp_path):
 
 def test_baseline_slice_filter_and_nifti_match_pipeline(series, pipeline, tmp_path):
     """Slice-filter selection (random weights: compared numerically), and the NIfTI reading path."""
-    pipe = _without(pipeline, "detector", "grader", use_gradcam=False)
+    pipe = _without(pipeline, "detection", "severity", use_gradcam=False)
 
     # reference probabilities: the pipeline's recipe written out with torch (normalise, resize, softmax)
     img = _normalized(pipe, "slice_filter", series)

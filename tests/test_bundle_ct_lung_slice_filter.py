@@ -38,16 +38,6 @@ def test_metadata_verifies_and_no_weights_ship():
     assert not (BUNDLE / "models" / "model.pt").exists()
 
 
-def test_verify_net_in_out():
-    from monai.bundle import verify_net_in_out
-
-    verify_net_in_out(
-        net_id="network_def",
-        meta_file=str(CONFIGS / "metadata.json"),
-        config_file=str(CONFIGS / "inference.json"),
-    )
-
-
 def test_slice_labels_from_real_masks(medseg_dir, totalseg_dir):
     """rp6 (held out): lung slices are those whose mask covers >= 1 % of the slice; the lowest slices
     (abdomen) are non-lung. TotalSegmentator crop: lung only in its top slices."""
@@ -69,7 +59,7 @@ def test_slice_labels_from_real_masks(medseg_dir, totalseg_dir):
 
 
 def test_inference_refuses_missing_weights(totalseg_dir, tmp_path):
-    from ctcovid.handlers import MissingWeightsError
+    from ctcovid.training.handlers import MissingWeightsError
 
     with pytest.raises(Exception) as info:
         _run(

@@ -20,8 +20,8 @@ from monai.bundle import ConfigParser, ConfigWorkflow
 from PIL import Image
 
 from ctcovid.bundle import bundle_path, verify_bundle_metadata
-from ctcovid.handlers import MissingWeightsError
 from ctcovid.networks import DeepLabV3LungSegmenter
+from ctcovid.training.handlers import MissingWeightsError
 
 BUNDLE = Path(bundle_path("cxr_lung_segmentation"))
 CONFIGS = BUNDLE / "configs"

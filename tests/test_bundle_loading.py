@@ -1,4 +1,4 @@
-"""Loading a stage's network from its bundle (:func:`ctcovid.pipelines.bundles.load_stage`).
+"""Loading a stage's network from its bundle (:func:`ctcovid.bundle.loading.load_stage`).
 
 The network is built on the ``meta`` device and the checkpoint's tensors assigned to it (issue 9: weights
 held once, no random initialisation); networks that cannot be built that way fall back to the plain path.
@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from ctcovid.bundle import bundles_root
-from ctcovid.pipelines.bundles import _build_and_load, load_stage
+from ctcovid.bundle.loading import _build_and_load, load_stage
 
 
 def test_load_stage_holds_exactly_the_checkpoint():

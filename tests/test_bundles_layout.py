@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -54,6 +55,35 @@ def test_metadata_verifies_offline(name):
     assert meta["version"] in meta["changelog"], f"{name}: current version missing from changelog"
     assert set(meta["network_data_format"]["inputs"]) == {"image"}
     assert set(meta["network_data_format"]["outputs"]) == {"pred"}
+
+
+#: Bundles whose paper-size network runs through ``verify_net_in_out`` at the metadata's input in the CPU
+#: suite, with config overrides to check (the others: in their own test files, at reduced cost).
+NET_IN_OUT = [
+    ("ct_lung_segmentation", {}),
+    ("ct_lung_slice_filter", {}),
+    ("cxr_detl_classification", {}),
+    ("cxr_vbreathnet_classification", {}),
+    ("cxr_covid_resnet18_classification", {"use_cbam": False}),
+    ("cxr_covid_resnet18_classification", {"use_cbam": True}),
+    ("cxr_pneumonia_type_classification", {}),
+    ("cxr_covid_viral_classification", {}),
+]
+
+
+@pytest.mark.parametrize(("name", "overrides"), NET_IN_OUT)
+def test_verify_net_in_out(name, overrides):
+    """The network the inference config builds takes the metadata's input and gives its output shape."""
+    from monai.bundle import verify_net_in_out
+
+    configs = Path(bundle_path(name)) / "configs"
+    verify_net_in_out(
+        net_id="network_def",
+        meta_file=str(configs / "metadata.json"),
+        config_file=str(configs / "inference.json"),
+        device="cpu",
+        **overrides,
+    )
 
 
 @pytest.mark.parametrize("name", PRESENT)

@@ -14,11 +14,11 @@ import torch
 import torch.nn as nn
 from conftest import data_path
 
-from ctcovid.bundle import bundles_root, verify_bundle_metadata
+from ctcovid.bundle import bundles_root
+from ctcovid.cxr.datasets import detl_items, patient_kfold
 from ctcovid.io.errors import CheckpointMismatchError
 from ctcovid.networks import DETL_TARGET_CLASSES, DETLNet
-from ctcovid.pipelines.cxr_datasets import detl_items, patient_kfold
-from ctcovid.pipelines.kfold import summarize_folds
+from ctcovid.training.kfold import summarize_folds
 
 BUNDLE = "cxr_detl_classification"
 
@@ -138,19 +138,6 @@ def test_summarize_folds_matches_numpy():
     assert s["pooled"]["num_samples"] == 6 and s["pooled"]["accuracy"] == pytest.approx(4 / 6)
 
 
-def test_bundle_metadata_and_net_in_out():
-    from monai.bundle import verify_net_in_out
-
-    root = bundles_root() / BUNDLE
-    verify_bundle_metadata(root)
-    verify_net_in_out(
-        net_id="network_def",
-        meta_file=str(root / "configs" / "metadata.json"),
-        config_file=str(root / "configs" / "inference.json"),
-        device="cpu",
-    )
-
-
 @pytest.mark.slow
 def test_bundle_stage_a_stage_b_inference_and_kfold(tmp_path):
     """Real tiny runs: stage A writes stage_a.pt, stage B loads it and writes model.pt, inference loads that
@@ -187,7 +174,7 @@ def test_bundle_stage_a_stage_b_inference_and_kfold(tmp_path):
     assert not torch.equal(sd_b["net.features.10.weight"], sd_a["net.features.10.weight"])  # last block trained
 
     run(config_file=[str(cfg / "inference.json")], batch_size=4,
-        datalist="$ctcovid.pipelines.cxr_datasets.load_parts(@datalist_file, 'fold0', @data_root, limit=8)",
+        datalist="$ctcovid.training.splits.load_parts(@datalist_file, 'fold0', @data_root, limit=8)",
         **{k: v for k, v in common.items() if k != "batch_size"})
     with open(root / "predictions" / "predictions.csv", newline="") as f:
         rows = list(csv.DictReader(f))

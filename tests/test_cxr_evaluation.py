@@ -12,8 +12,7 @@ import torch
 from PIL import Image
 from sklearn.metrics import confusion_matrix, f1_score, precision_score, recall_score, roc_auc_score
 
-from ctcovid.metrics.stats import compare_models_f_test, f_test, true_class_probabilities
-from ctcovid.pipelines.cxr_eval import (
+from ctcovid.cxr.evaluation import (
     EvaluationReportWriter,
     ThresholdFileError,
     ViralThresholdCalibrator,
@@ -22,6 +21,7 @@ from ctcovid.pipelines.cxr_eval import (
     write_evaluation_report,
     write_viral_threshold,
 )
+from ctcovid.metrics.stats import compare_models_f_test, f_test, true_class_probabilities
 from ctcovid.visualize.plots import save_confusion_matrix_png, save_roc_png
 
 CLASSES = ["normal", "bacterial", "viral"]
@@ -225,7 +225,7 @@ def test_evaluation_writer_handler_writes_report_and_figures(tmp_path):
 
 def test_f_test_between_two_evaluation_reports(tmp_path, capsys):
     from ctcovid.cli.main import main
-    from ctcovid.pipelines.cxr_eval import compare_reports_f_test
+    from ctcovid.cxr.evaluation import compare_reports_f_test
 
     writer_a = EvaluationReportWriter(tmp_path / "a", CLASSES)
     _run_evaluator(writer_a, np.log(Y_PROB), Y_TRUE)

@@ -20,9 +20,7 @@ from PIL import Image
 
 from ctcovid.bundle import bundles_root
 from ctcovid.cli.main import main
-from ctcovid.io import load_xray
-from ctcovid.io.errors import CTInputError
-from ctcovid.pipelines.cxr import (
+from ctcovid.cxr import (
     STAGE1_BUNDLE,
     STAGE2_BUNDLE,
     CascadeWeightsError,
@@ -30,7 +28,9 @@ from ctcovid.pipelines.cxr import (
     CXRStage,
     run_cascade,
 )
-from ctcovid.pipelines.cxr_eval import ThresholdFileError, write_viral_threshold
+from ctcovid.cxr.evaluation import ThresholdFileError, write_viral_threshold
+from ctcovid.io import load_xray
+from ctcovid.io.errors import CTInputError
 
 
 class MeanIntensityStage1(nn.Module):
@@ -171,7 +171,7 @@ def test_real_radiographs_route_through_stub_stage1(tmp_path, stub_cascade):
 
 def test_cascade_evaluation_decisions_and_scores(tmp_path, stub_cascade):
     """4-class evaluation: metrics from the threshold decisions, AUC from the continuous scores (hand-computed)."""
-    from ctcovid.pipelines.cxr import evaluate_cascade
+    from ctcovid.cxr import evaluate_cascade
 
     levels = {"normal": 26, "bacterial": 77, "viral-other": 179, "COVID-19": 230}
     items = [{"image": _grey_png(tmp_path / f"{k}.png", lv), "label": k} for k, lv in levels.items()]

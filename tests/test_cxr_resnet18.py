@@ -14,7 +14,7 @@ import torch.nn as nn
 from conftest import data_path
 from PIL import Image
 
-from ctcovid.bundle import bundles_root, verify_bundle_metadata
+from ctcovid.bundle import bundles_root
 from ctcovid.io.errors import CheckpointMismatchError, CorruptFileError
 from ctcovid.networks import CBAM, ChannelAttention, ResNet18Classifier, SpatialAttention, create_network
 from ctcovid.networks.resnet18 import load_resnet18_checkpoint
@@ -182,23 +182,8 @@ def _bundle_copy(tmp_path):
     return dst
 
 
-def test_bundle_metadata_and_net_in_out():
-    from monai.bundle import verify_net_in_out
-
-    root = bundles_root() / BUNDLE
-    verify_bundle_metadata(root)
-    for cbam in (False, True):
-        verify_net_in_out(
-            net_id="network_def",
-            meta_file=str(root / "configs" / "metadata.json"),
-            config_file=str(root / "configs" / "inference.json"),
-            device="cpu",
-            use_cbam=cbam,
-        )
-
-
 def test_committed_datalist_is_patient_level_and_reproducible():
-    from ctcovid.pipelines.cxr_datasets import build_resnet18_datalist
+    from ctcovid.cxr.datasets import build_resnet18_datalist
 
     with open(bundles_root() / BUNDLE / "configs" / "datalist.json") as f:
         dl = json.load(f)
@@ -242,7 +227,7 @@ def test_bundle_short_training_then_inference_and_gradcam(tmp_path):
         meta_file=str(cfg / "metadata.json"),
         logging_file=str(cfg / "logging.conf"),
         use_cbam=True,
-        datalist="$ctcovid.pipelines.cxr_datasets.load_parts(@datalist_file, 'test', @data_root, limit=6)",
+        datalist="$ctcovid.training.splits.load_parts(@datalist_file, 'test', @data_root, limit=6)",
         batch_size=3,
         **common,
     )

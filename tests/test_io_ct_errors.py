@@ -18,7 +18,7 @@ import pydicom
 import pytest
 from pydicom import config
 
-from ctcovid.io import dicom_series as dicom_series_module
+from ctcovid.io import dicom_decode as dicom_decode_module
 from ctcovid.io import load_ct
 from ctcovid.io.errors import (
     CorruptFileError,
@@ -176,9 +176,9 @@ def test_unsupported_transfer_syntax_names_syntax_and_file(series_copy, uid, nam
 
 def test_missing_decoder_plugin_names_package_to_install(series_copy, monkeypatch):
     """As if pylibjpeg-libjpeg and GDCM were not installed: the JPEG-lossless series names what to install."""
-    monkeypatch.setattr(dicom_series_module, "_SITK_DECODABLE", dicom_series_module._UNCOMPRESSED)
+    monkeypatch.setattr(dicom_decode_module, "_SITK_DECODABLE", dicom_decode_module._UNCOMPRESSED)
     monkeypatch.setattr(
-        dicom_series_module, "_pydicom_decoder_status", lambda uid: (False, "missing decoder plugins: (test)")
+        dicom_decode_module, "_pydicom_decoder_status", lambda uid: (False, "missing decoder plugins: (test)")
     )
     with pytest.raises(
         UnsupportedTransferSyntaxError,

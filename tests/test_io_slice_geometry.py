@@ -11,7 +11,8 @@ import SimpleITK as sitk
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ctcovid.io.dicom_series import DicomHeader, choose_series
+from ctcovid.io.dicom_headers import DicomHeader
+from ctcovid.io.dicom_series import choose_series
 from ctcovid.io.errors import NoCTSeriesError, SlicePositionError, UnsupportedFormatError
 from ctcovid.io.slice_geometry import (
     LPS_TO_RAS,

@@ -9,8 +9,8 @@ import pytest
 import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, roc_auc_score
 
-from ctcovid.handlers import MacroF1, macro_f1_score
 from ctcovid.metrics import classification_report
+from ctcovid.training.handlers import MacroF1, macro_f1_score
 
 # 8 scans, 3 classes. Predictions (arg-max): [0, 1, 1, 2, 2, 0, 2, 1]
 Y_TRUE = [0, 0, 1, 1, 2, 2, 2, 1]

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from ctcovid.pipelines.outputs import write_bytes_atomic, write_json_atomic
+from ctcovid.io.atomic import write_bytes_atomic, write_json_atomic
 
 
 def test_written_file_has_umask_permissions(tmp_path):

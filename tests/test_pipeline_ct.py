@@ -69,7 +69,7 @@ def _set_head(classifier: torch.nn.Module, bias, scale: float = 0.0) -> None:
 
 
 def _build_and_save(bundle_dir: Path, set_heads) -> None:
-    from ctcovid.pipelines.bundles import read_bundle_config
+    from ctcovid.bundle.loading import read_bundle_config
 
     torch.manual_seed(0)
     net = read_bundle_config(bundle_dir).get_parsed_content("network_def")
@@ -109,7 +109,7 @@ def test_bundles(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def pipeline(test_bundles):
-    from ctcovid.pipelines import CTCovidPipeline
+    from ctcovid.ct import CTCovidPipeline
 
     return CTCovidPipeline(bundle_dir=test_bundles, device="cpu", batch_size=8, severity="always")
 
@@ -150,7 +150,7 @@ def _read_csv(path: Path) -> list[dict]:
 # --------------------------------------------------------------------------------------------- outputs
 @pytest.fixture(scope="module")
 def real_run(pipeline, covid_ct_md_series, medseg_dir, jpg_scan, tmp_path_factory):
-    from ctcovid.pipelines import run_batch
+    from ctcovid.running import run_batch
 
     out = tmp_path_factory.mktemp("real_run")
     inputs = [covid_ct_md_series, medseg_dir / "images" / "rp2.nii.gz", jpg_scan]
@@ -307,7 +307,8 @@ def test_python_api_result(pipeline, shared_data):
 
 def test_severity_gate_and_missing_detection(test_bundles, tmp_path, shared_data):
     """Severity runs only on scans predicted COVID-19; without detection weights detection is skipped."""
-    from ctcovid.pipelines import CTCovidPipeline, MissingWeightsError
+    from ctcovid.bundle import MissingWeightsError
+    from ctcovid.ct import CTCovidPipeline
 
     variant = tmp_path / "bundles"
     variant.mkdir()
@@ -330,8 +331,8 @@ def test_severity_gate_and_missing_detection(test_bundles, tmp_path, shared_data
 
 def test_slice_filter_decides_when_it_has_weights(test_bundles, tmp_path, totalseg_dir):
     """With slice-filter weights the network, not the mask area, picks the slices; none kept -> NoLungSlicesError."""
+    from ctcovid.ct import CTCovidPipeline
     from ctcovid.io.errors import NoLungSlicesError
-    from ctcovid.pipelines import CTCovidPipeline
     from ctcovid.transforms import LungSlicesFromMask
 
     variant = tmp_path / "bundles"
@@ -357,7 +358,7 @@ def test_slice_filter_decides_when_it_has_weights(test_bundles, tmp_path, totals
 
 # -------------------------------------------------------------------------------- failures and resume
 def test_batch_with_corrupt_scan_finishes_the_others(fast_pipeline, tmp_path, shared_data):
-    from ctcovid.pipelines import run_batch
+    from ctcovid.running import run_batch
 
     good = data_path("fixtures", "lungmask_testdata")
     corrupt = tmp_path / "broken.nii.gz"
@@ -379,7 +380,7 @@ def test_batch_with_corrupt_scan_finishes_the_others(fast_pipeline, tmp_path, sh
 
 
 def test_resume_skips_done_scans_by_content_hash(fast_pipeline, tmp_path, totalseg_dir, shared_data):
-    from ctcovid.pipelines import run_batch
+    from ctcovid.running import run_batch
 
     pipeline = fast_pipeline
 
@@ -431,7 +432,7 @@ def test_resume_skips_done_scans_by_content_hash(fast_pipeline, tmp_path, totals
 def test_discover_scans_layouts(tmp_path, shared_data):
     """DICOM series folders (with or without .dcm names), slice folders, NIfTI files and parents of them."""
     from ctcovid.io.errors import InputNotFoundError
-    from ctcovid.pipelines.scans import classify_folder, discover_scans
+    from ctcovid.running.scans import classify_folder, discover_scans
 
     totalseg = data_path("fixtures", "totalsegmentator_example_ct")
     assert classify_folder(totalseg / "example_ct_dicom") == "dicom"  # files without extension: DICM preamble
@@ -465,7 +466,7 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 def test_bf16_autocast_moves_outputs_little(pipeline, test_bundles, shared_data):
     """bf16 autocast (issue 9) on the shipped segmenter: same lung mask to within a few edge pixels, the
     ensembles' probabilities to within 0.01, the same Grad-CAM, and the precision is part of the resume key."""
-    from ctcovid.pipelines import CTCovidPipeline
+    from ctcovid.ct import CTCovidPipeline
 
     scan = data_path("fixtures", "lungmask_testdata")
     bf16 = CTCovidPipeline(bundle_dir=test_bundles, device="cpu", severity="always", precision="bf16")
@@ -487,8 +488,8 @@ def test_channels_last_and_batch_size_do_not_change_results(pipeline, test_bundl
     """Memory format, batch size and batch-norm folding are speed settings: the bundles' ``channels_last``
     values are applied and the segmenter's batch norms folded by default, and switching them off (or
     changing the batch size) leaves the mask and probabilities unchanged."""
-    from ctcovid.pipelines import CTCovidPipeline
-    from ctcovid.pipelines.ct import DEFAULT_BATCH_SIZE
+    from ctcovid.ct import CTCovidPipeline
+    from ctcovid.ct.network_runner import DEFAULT_BATCH_SIZE
 
     scan = data_path("fixtures", "lungmask_testdata")
     default = CTCovidPipeline(bundle_dir=test_bundles, device="cpu", severity="always")
@@ -569,12 +570,12 @@ def test_handed_over_volume_is_freed_once_normalised(pipeline, shared_data):
 
 
 def test_take_slices_views_consecutive_runs():
-    from ctcovid.pipelines.ct import _take_slices
+    from ctcovid.ct.context import take_slices
 
     vol = torch.arange(2 * 3 * 4 * 6, dtype=torch.float32).reshape(2, 3, 4, 6)
-    run = _take_slices(vol, [1, 2, 3])
+    run = take_slices(vol, [1, 2, 3])
     assert torch.equal(run, vol[..., 1:4]) and run.data_ptr() == vol[..., 1:4].data_ptr()  # no copy
-    gathered = _take_slices(vol, [0, 2, 5])
+    gathered = take_slices(vol, [0, 2, 5])
     assert torch.equal(gathered, vol[..., [0, 2, 5]])
 
 
@@ -585,7 +586,7 @@ def test_keep_largest_components_matches_monai(connectivity, num_components):
     also on the mask's bounding box (``_clean_mask``) rather than the whole volume."""
     from monai.transforms import KeepLargestConnectedComponent
 
-    from ctcovid.pipelines.ct import _bounding_box, _keep_largest_components
+    from ctcovid.ct.mask_cleanup import bounding_box, keep_largest_components
 
     mask = np.zeros((40, 30, 20), dtype=np.uint8)
     mask[5:15, 5:15, 5:15] = 1  # 1000 voxels
@@ -597,14 +598,14 @@ def test_keep_largest_components_matches_monai(connectivity, num_components):
         applied_labels=[1], num_components=num_components, connectivity=connectivity
     )
     ref = monai_keep(torch.from_numpy(mask.copy())[None])[0].numpy()  # a copy: MONAI edits its input in place
-    out = _keep_largest_components(mask.copy(), num_components, connectivity)
+    out = keep_largest_components(mask.copy(), num_components, connectivity)
     np.testing.assert_array_equal(out, ref)
     assert out.sum() < mask.sum()  # something was removed
-    box = _bounding_box(mask, margin=1)
+    box = bounding_box(mask, margin=1)
     boxed = mask.copy()
-    boxed[box] = _keep_largest_components(np.ascontiguousarray(mask[box]), num_components, connectivity)
+    boxed[box] = keep_largest_components(np.ascontiguousarray(mask[box]), num_components, connectivity)
     np.testing.assert_array_equal(boxed, ref)
-    assert _bounding_box(np.zeros((3, 3, 3), np.uint8)) is None
+    assert bounding_box(np.zeros((3, 3, 3), np.uint8)) is None
 
 
 def test_keep_largest_components_beyond_16_bit_labels():
@@ -612,7 +613,7 @@ def test_keep_largest_components_beyond_16_bit_labels():
     falls back to 32-bit labels and still gives MONAI's result."""
     from monai.transforms import KeepLargestConnectedComponent
 
-    from ctcovid.pipelines.ct import _keep_largest_components
+    from ctcovid.ct.mask_cleanup import keep_largest_components
 
     mask = np.zeros((104, 104, 104), dtype=np.uint8)
     mask[::2, ::2, ::2] = 1  # 52**3 = 140608 one-voxel components under 6-connectivity
@@ -621,7 +622,7 @@ def test_keep_largest_components_beyond_16_bit_labels():
     ref = KeepLargestConnectedComponent(applied_labels=[1], num_components=2, connectivity=1)(
         torch.from_numpy(mask.copy())[None]
     )[0].numpy()
-    out = _keep_largest_components(mask.copy(), 2, 1)
+    out = keep_largest_components(mask.copy(), 2, 1)
     np.testing.assert_array_equal(out, ref)
     assert 1000 + 216 <= out.sum() < mask.sum() // 50  # the two blocks (and the grid points they touch)
 
@@ -631,7 +632,7 @@ def test_montage_frees_its_tile_images_without_the_cycle_collector(tmp_path):
     arrays (~140 MB for 16 tiles of 512x512) are freed at once, not at some later garbage collection."""
     import gc
 
-    from ctcovid.pipelines.montage import save_montage_png
+    from ctcovid.ct.montage import save_montage_png
 
     rng = np.random.default_rng(0)
     image = rng.random((96, 96, 6), dtype=np.float32)

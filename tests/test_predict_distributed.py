@@ -18,8 +18,10 @@ import numpy as np
 import pytest
 from conftest import PROJECT_ROOT
 
-from ctcovid.pipelines.batch import SUMMARY_FIELDS, SUMMARY_NAME
-from ctcovid.pipelines.distributed import (
+from ctcovid.ct.result import CTResult
+from ctcovid.io.atomic import write_csv_atomic
+from ctcovid.running.batch import SUMMARY_NAME
+from ctcovid.running.distributed import (
     backend_for,
     merge_partial_summaries,
     partial_summary_name,
@@ -27,8 +29,9 @@ from ctcovid.pipelines.distributed import (
     shard_by_cost,
     torchrun_world,
 )
-from ctcovid.pipelines.outputs import write_csv_atomic
-from ctcovid.pipelines.scans import ScanInput
+from ctcovid.running.scans import ScanInput
+
+SUMMARY_FIELDS = CTResult.SUMMARY_FIELDS
 
 
 # ---------------------------------------------------------------------------------------------- sharding
@@ -111,11 +114,11 @@ def test_merge_matches_single_process_summary(tmp_path):
         write_csv_atomic(part, fields(part), out / partial_summary_name(r))
     stale = row(1, True) | {"status": "failed"}  # left by a killed run with more ranks: not merged
     write_csv_atomic([stale], fields([stale]), out / partial_summary_name(7))
-    merged = merge_partial_summaries(out, scans, world_size=3)
+    merged = merge_partial_summaries(out, scans, world_size=3, fields=SUMMARY_FIELDS)
     assert [r["scan_id"] for r in merged] == [s.scan_id for s in scans]
     assert (out / SUMMARY_NAME).read_bytes() == (tmp_path / "single.csv").read_bytes()
     assert sorted(p.name for p in out.iterdir()) == [SUMMARY_NAME]  # partials (stale one too) removed
-    assert merge_partial_summaries(tmp_path / "nothing_ran", scans, world_size=3) is None
+    assert merge_partial_summaries(tmp_path / "nothing_ran", scans, world_size=3, fields=SUMMARY_FIELDS) is None
 
 
 # ------------------------------------------------------------------------------------ torchrun, 2 ranks

@@ -58,7 +58,7 @@ def test_release_free_memory_returns_freed_heap_pages():
     """Small freed blocks stay in glibc's heap (resident) until ``malloc_trim`` hands them back."""
     import numpy as np
 
-    from ctcovid.pipelines.memory import _malloc_trim, release_free_memory
+    from ctcovid.running.memory import _malloc_trim, release_free_memory
 
     if _malloc_trim() is None:
         pytest.skip("no malloc_trim in this C library (not glibc)")

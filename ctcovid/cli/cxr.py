@@ -53,6 +53,24 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _cascade_options(p: argparse.ArgumentParser, threshold_help: str) -> None:
+    """Options of the sub-commands that load the whole cascade (predict, evaluate)."""
+    _common(p)
+    p.add_argument("--stage2-spatial-size", type=_size, default=None, help="stage-2 input size (default: --spatial-size)")
+    p.add_argument("--threshold-file", default=None, help=threshold_help)
+
+
+def _subcommand(sub, name: str, help: str, description: str) -> argparse.ArgumentParser:
+    """A ``ctcovid cxr`` sub-command parser with the exit codes in its epilog."""
+    return sub.add_parser(
+        name,
+        help=help,
+        description=description,
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "cxr",
@@ -61,7 +79,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="cxr_command", metavar="SUBCOMMAND")
 
-    pp = sub.add_parser(
+    pp = _subcommand(
+        sub,
         "predict",
         help="run the cascade on radiographs (PNG, JPEG, DICOM)",
         description=(
@@ -69,18 +88,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "threshold go to stage 2 (COVID-19 / other viral). Writes <id>.json and <id>_gradcam.png per image "
             "and summary.csv into --out. An unreadable image gets a failed row with the reason; the run goes on."
         ),
-        epilog=EXIT_CODES_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     pp.add_argument("images", nargs="+", metavar="IMAGE", help="radiograph files, or folders of them")
     pp.add_argument("--out", "-o", required=True, help="output folder (created)")
-    _common(pp)
-    pp.add_argument("--stage2-spatial-size", type=_size, default=None, help="stage-2 input size (default: --spatial-size)")
-    pp.add_argument("--threshold-file", default=None, help="viral threshold JSON (default: stage-1 bundle's models/viral_threshold.json)")
+    _cascade_options(pp, "viral threshold JSON (default: stage-1 bundle's models/viral_threshold.json)")
     pp.add_argument("--no-gradcam", action="store_true", help="skip the Grad-CAM overlays (faster)")
     pp.set_defaults(func=run_predict)
 
-    pc = sub.add_parser(
+    pc = _subcommand(
+        sub,
         "calibrate",
         help="compute and store the viral threshold Th_Vir (mean stage-1 viral probability on a calibration set)",
         description=(
@@ -88,8 +104,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "on the calibration part of its datalist; writes models/viral_threshold.json (value, calibration "
             "set, weights hash, date) and models/calibration_report.json."
         ),
-        epilog=EXIT_CODES_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _common(pc)
     pc.add_argument("--data-root", default=None, help="Kermany folder (default: ../shared/data/cxr/kermany or $CTCOVID_DATA)")
@@ -98,7 +112,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     pc.add_argument("--only-viral", action="store_true", help="average over the viral calibration images only")
     pc.set_defaults(func=run_calibrate)
 
-    pe = sub.add_parser(
+    pe = _subcommand(
+        sub,
         "evaluate",
         help="evaluate the whole cascade (4 classes) on the held-out test patients of both datalists",
         description=(
@@ -106,26 +121,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "viral -> viral-other; ieee8023: COVID-19 / viral-other) and writes report.json, predictions.csv, "
             "confusion_matrix.png and roc.png into --out."
         ),
-        epilog=EXIT_CODES_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     pe.add_argument("--out", "-o", required=True, help="output folder (created)")
-    _common(pe)
-    pe.add_argument("--stage2-spatial-size", type=_size, default=None, help="stage-2 input size (default: --spatial-size)")
-    pe.add_argument("--threshold-file", default=None, help="viral threshold JSON")
+    _cascade_options(pe, "viral threshold JSON")
     pe.add_argument("--data-dir", default=None, help="shared data folder holding cxr/kermany and cxr/ieee8023")
     pe.add_argument("--limit", type=_positive, default=None, help="class-balanced subset of this many images per dataset")
     pe.set_defaults(func=run_evaluate)
 
-    pm = sub.add_parser(
+    pm = _subcommand(
+        sub,
         "lung-masks",
         help="predict lung masks (cxr_lung_segmentation) for a cascade bundle's datalist, for regional learning",
         description=(
             "Writes <mask-root>/<image relative path>.png for every image of the chosen datalist parts, as "
             "configs/train_regional.json expects (--mask_root)."
         ),
-        epilog=EXIT_CODES_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     pm.add_argument("--stage", type=int, choices=(1, 2), required=True, help="1: Kermany datalist, 2: ieee8023 datalist")
     pm.add_argument("--mask-root", required=True, help="output folder for the masks")
@@ -158,9 +168,9 @@ def _error(message: str) -> None:
 
 
 def _load_cascade(args):
-    from ctcovid.pipelines.bundles import BundleError, MissingWeightsError
-    from ctcovid.pipelines.cxr import CXRCascade
-    from ctcovid.pipelines.cxr_eval import ThresholdFileError
+    from ctcovid.bundle.loading import BundleError, MissingWeightsError
+    from ctcovid.cxr.cascade import CXRCascade
+    from ctcovid.cxr.evaluation import ThresholdFileError
 
     try:
         cascade = CXRCascade.from_bundles(
@@ -182,7 +192,7 @@ def _load_cascade(args):
 
 
 def _expand(images: list[str]) -> list[str]:
-    from ctcovid.pipelines.cxr_data import image_datalist
+    from ctcovid.cxr.datalists import image_datalist
 
     out: list[str] = []
     for item in images:
@@ -195,7 +205,7 @@ def _expand(images: list[str]) -> list[str]:
 
 
 def run_predict(args) -> int:
-    from ctcovid.pipelines.cxr import run_cascade
+    from ctcovid.cxr.runs import run_cascade
 
     cascade = _load_cascade(args)
     if isinstance(cascade, int):
@@ -219,8 +229,8 @@ def run_calibrate(args) -> int:
     from monai.bundle import run as bundle_run
 
     from ctcovid.bundle import bundles_root
-    from ctcovid.pipelines.cxr import STAGE1_BUNDLE
-    from ctcovid.pipelines.cxr_eval import read_viral_threshold
+    from ctcovid.cxr.cascade import STAGE1_BUNDLE
+    from ctcovid.cxr.evaluation import read_viral_threshold
 
     root = Path(args.bundle_dir).expanduser().resolve() if args.bundle_dir else bundles_root()
     bdir = root / STAGE1_BUNDLE
@@ -249,8 +259,8 @@ def run_calibrate(args) -> int:
 
 def run_evaluate(args) -> int:
     from ctcovid.bundle import bundles_root
-    from ctcovid.pipelines.cxr import STAGE1_BUNDLE, STAGE2_BUNDLE, evaluate_cascade
-    from ctcovid.pipelines.cxr_data import STAGE1_CLASSES, STAGE2_CLASSES, default_data_root, load_datalist
+    from ctcovid.cxr import STAGE1_BUNDLE, STAGE2_BUNDLE, evaluate_cascade
+    from ctcovid.cxr.datalists import STAGE1_CLASSES, STAGE2_CLASSES, default_data_root, load_datalist
 
     cascade = _load_cascade(args)
     if isinstance(cascade, int):
@@ -276,10 +286,10 @@ def run_evaluate(args) -> int:
 
 def run_lung_masks(args) -> int:
     from ctcovid.bundle import bundles_root
-    from ctcovid.pipelines.bundles import BundleError, MissingWeightsError
-    from ctcovid.pipelines.cxr import STAGE1_BUNDLE, STAGE2_BUNDLE
-    from ctcovid.pipelines.cxr_data import default_data_root, load_datalist
-    from ctcovid.pipelines.cxr_masks import predict_lung_masks
+    from ctcovid.bundle.loading import BundleError, MissingWeightsError
+    from ctcovid.cxr.cascade import STAGE1_BUNDLE, STAGE2_BUNDLE
+    from ctcovid.cxr.datalists import default_data_root, load_datalist
+    from ctcovid.cxr.masks import predict_lung_masks
 
     bundle, dataset = (STAGE1_BUNDLE, "kermany") if args.stage == 1 else (STAGE2_BUNDLE, "ieee8023")
     root = Path(args.bundle_dir).expanduser().resolve() if args.bundle_dir else bundles_root()
@@ -305,8 +315,8 @@ def run_lung_masks(args) -> int:
 def run_f_test(args) -> int:
     import json
 
-    from ctcovid.pipelines.cxr_eval import compare_reports_f_test
-    from ctcovid.pipelines.outputs import write_json_atomic
+    from ctcovid.cxr.evaluation import compare_reports_f_test
+    from ctcovid.io.atomic import write_json_atomic
 
     try:
         result = compare_reports_f_test(args.report_a, args.report_b, alternative=args.alternative)

@@ -65,7 +65,7 @@ def run(args) -> int:
     if isinstance(pipeline, int):
         return pipeline
     skipped = pipeline.skipped_stages()
-    for stage, model in pipeline.stage_models.items():
+    for stage, model in pipeline.models.items():
         title = _STAGE_TITLES[stage]
         if stage in skipped:
             extra = " -> the lung-mask area decides which slices are lung" if stage == "slice_filter" else ""

@@ -37,7 +37,7 @@ def collect_info(bundle_dir: str | None = None) -> dict:
 
     from ctcovid import __version__
     from ctcovid.bundle import BUNDLE_NAMES, bundles_root
-    from ctcovid.pipelines.bundles import bundle_weights_status
+    from ctcovid.bundle.loading import bundle_weights_status
 
     versions = {"ctcovid": __version__, "python": platform.python_version()}
     for dist in (

@@ -2,7 +2,7 @@
 
 Each sub-command lives in its own module of :mod:`ctcovid.cli` exposing ``add_parser(subparsers)``
 (registers the sub-command, sets ``func``) so that parsing stays thin and the work happens in
-:mod:`ctcovid.pipelines`. Modules are imported lazily: ``ctcovid --help`` must not pay for torch.
+:mod:`ctcovid.ct`, :mod:`ctcovid.cxr` and :mod:`ctcovid.running`. Modules are imported lazily: ``ctcovid --help`` must not pay for torch.
 """
 
 from __future__ import annotations

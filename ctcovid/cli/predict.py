@@ -106,8 +106,8 @@ def error(command: str, message: str) -> None:
 
 def build_pipeline(args, command: str, skip_missing: bool, allow_2d: bool):
     """The pipeline for ``args``, or an exit code after printing why it cannot be built."""
-    from ctcovid.pipelines import CTCovidPipeline
-    from ctcovid.pipelines.bundles import BundleError, MissingWeightsError
+    from ctcovid.bundle import BundleError, MissingWeightsError
+    from ctcovid.ct import CTCovidPipeline
 
     try:
         return CTCovidPipeline(
@@ -131,7 +131,7 @@ def build_pipeline(args, command: str, skip_missing: bool, allow_2d: bool):
 
 def run_and_report(args, command: str, inputs, pipeline, summary_name: str = "summary.csv") -> int:
     """Run the batch, print a summary and return the exit code."""
-    from ctcovid.pipelines.batch import run_batch
+    from ctcovid.running.batch import run_batch
 
     try:
         report = run_batch(
@@ -158,7 +158,7 @@ def run_and_report(args, command: str, inputs, pipeline, summary_name: str = "su
 
 
 def run(args) -> int:
-    from ctcovid.pipelines.distributed import torchrun_world
+    from ctcovid.running.distributed import torchrun_world
 
     world = torchrun_world()
     if world is not None:  # launched by torchrun with WORLD_SIZE > 1: this process runs one shard
@@ -172,7 +172,7 @@ def run(args) -> int:
 def discover(args):
     """The scans of ``args.inputs``, or an exit code after printing why there are none."""
     from ctcovid.io.errors import InputNotFoundError
-    from ctcovid.pipelines.scans import discover_scans
+    from ctcovid.running.scans import discover_scans
 
     try:
         return discover_scans(args.inputs)
@@ -193,8 +193,9 @@ def predict_scans(args, scans, summary_name: str = "summary.csv", verbose: bool 
 
 
 def run_distributed(args, world) -> int:
-    """One rank of ``torchrun ... -m ctcovid predict``: see :mod:`ctcovid.pipelines.distributed`."""
-    from ctcovid.pipelines.distributed import run_sharded
+    """One rank of ``torchrun ... -m ctcovid predict``: see :mod:`ctcovid.running.distributed`."""
+    from ctcovid.ct import CTResult
+    from ctcovid.running.distributed import run_sharded
 
     def run_shard(scans, device: str, summary_name: str) -> int:
         # progress bars and stage notes from rank 0 only: N interleaved bars are unreadable
@@ -210,6 +211,7 @@ def run_distributed(args, world) -> int:
             args.device,
             plan=lambda: discover(args),
             run_shard=run_shard,
+            summary_fields=CTResult.SUMMARY_FIELDS,
             cost_out_dir=None if args.force else args.out,
             failed_code=EXIT_SCANS_FAILED,
         )

@@ -36,8 +36,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
+    from ctcovid.cxr.datalists import image_datalist
     from ctcovid.io.errors import EmptyInputError
-    from ctcovid.pipelines.cxr_data import image_datalist
     from ctcovid.transforms.quality import ImageQualityFilter, curate, write_curation_report
 
     items = []

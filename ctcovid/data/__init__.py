@@ -1,29 +1,6 @@
-"""Datalists and datasets for the classification bundles (code only; no data files live here)."""
+"""Deprecated: datalists and datasets moved to :mod:`ctcovid.training`, ``ApplyIfKeyPresentd`` to
+:mod:`ctcovid.transforms`; the old names work, with a ``DeprecationWarning``, until ctcovid 0.3."""
 
-from .conditional import ApplyIfKeyPresentd
-from .datalists import (
-    DETECTION_CLASSES,
-    DatalistError,
-    cov19ctdb_datalist,
-    find_scans,
-    load_datalist,
-    scan_kind,
-    severity_csv_datalist,
-)
-from .dataset import FAILED_KEY, SKIPPED_KEY, ScanDataset, collate_skip_failed, find_input_error
+from ctcovid._deprecated import moved
 
-__all__ = [
-    "ApplyIfKeyPresentd",
-    "DETECTION_CLASSES",
-    "DatalistError",
-    "FAILED_KEY",
-    "SKIPPED_KEY",
-    "ScanDataset",
-    "collate_skip_failed",
-    "cov19ctdb_datalist",
-    "find_input_error",
-    "find_scans",
-    "load_datalist",
-    "scan_kind",
-    "severity_csv_datalist",
-]
+__getattr__ = moved(__name__, {"ApplyIfKeyPresentd": "ctcovid.transforms"}, default_home="ctcovid.training")

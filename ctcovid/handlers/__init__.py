@@ -1,19 +1,6 @@
-"""Ignite/MONAI handlers and engine helpers that MONAI lacks (each module says what MONAI misses)."""
+"""Deprecated: the handlers moved to :mod:`ctcovid.training.handlers`; the old names work, with a
+``DeprecationWarning``, until ctcovid 0.3 (bundle configs that say ``ctcovid.handlers.X`` keep running)."""
 
-from .checkpoint import MissingWeightsError, latest_checkpoint, require_checkpoint
-from .metrics import MacroF1, macro_f1_score
-from .metrics_csv import MetricsCSVLogger
-from .predictions import ClassificationCSVWriter, skip_failed_scans_iteration
-from .report import ClassificationReportWriter
+from ctcovid._deprecated import moved
 
-__all__ = [
-    "ClassificationCSVWriter",
-    "ClassificationReportWriter",
-    "MacroF1",
-    "MetricsCSVLogger",
-    "MissingWeightsError",
-    "latest_checkpoint",
-    "macro_f1_score",
-    "require_checkpoint",
-    "skip_failed_scans_iteration",
-]
+__getattr__ = moved(__name__, {}, default_home="ctcovid.training.handlers")

@@ -13,14 +13,9 @@ from monai.data import MetaTensor
 from pydicom.uid import UID
 
 from ctcovid.io.ct_volume import IntensityDomain, check_finite, infer_intensity_domain, make_ct_image
-from ctcovid.io.dicom_series import (
-    Backend,
-    DicomHeader,
-    check_series_geometry,
-    choose_series,
-    decode_series,
-    read_header,
-)
+from ctcovid.io.dicom_decode import Backend, decode_series
+from ctcovid.io.dicom_headers import DicomHeader, read_header
+from ctcovid.io.dicom_series import check_series_geometry, choose_series
 from ctcovid.io.errors import (
     DimensionalityError,
     EmptyInputError,

@@ -21,7 +21,7 @@ from monai.transforms import MapTransform, Transform
 
 from ctcovid.io.ct import load_ct
 from ctcovid.io.ct_volume import IntensityDomain
-from ctcovid.io.dicom_series import Backend
+from ctcovid.io.dicom_decode import Backend
 
 __all__ = ["LoadCT", "LoadCTd"]
 

@@ -4,7 +4,7 @@ The app folder is :func:`app_dir` (``ctcovid/label/app``, holding ``main.py``); 
 
     monailabel start_server --app "$(ctcovid label-app)" --studies <folder of NIfTI files / DICOM series folders>
 
-It serves, from the project's bundles (:mod:`ctcovid.pipelines`):
+It serves, from the project's bundles (:mod:`ctcovid.ct`):
 
 - ``lung_segmentation`` (segmentation): the lung mask of the opened CT as a label NIfTI in the image's
   voxel grid, with P(COVID-19) and the severity class probabilities in the result JSON;

@@ -45,7 +45,7 @@ def convert_dicom_series(studies: str | os.PathLike) -> dict[str, str]:
     ``"skipped: <why>"`` (not DICOM, unreadable series: logged, the server still starts).
     """
     from ctcovid.io import load_ct
-    from ctcovid.pipelines.outputs import write_nifti_atomic
+    from ctcovid.io.atomic import write_nifti_atomic
 
     root = Path(studies)
     outcome: dict[str, str] = {}

@@ -22,9 +22,9 @@ from typing import Any
 from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
+from ctcovid.bundle.loading import BundleError, MissingWeightsError
+from ctcovid.ct.pipeline import DEFAULT_BUNDLES, CTResult
 from ctcovid.io.errors import CTInputError
-from ctcovid.pipelines.bundles import BundleError, MissingWeightsError
-from ctcovid.pipelines.ct import DEFAULT_BUNDLES, CTResult
 
 from .runner import PipelineRunner
 
@@ -138,7 +138,7 @@ class LungSegmentationInfer(CTPipelineInfer):
         return str(path) if path.is_file() else None
 
     def __call__(self, request: dict) -> tuple[str | None, dict]:
-        from ctcovid.pipelines.outputs import write_nifti_atomic
+        from ctcovid.io.atomic import write_nifti_atomic
 
         result, seconds, cached = self.run_pipeline(request)
         t0 = time.perf_counter()

@@ -1,4 +1,4 @@
-"""One :class:`~ctcovid.pipelines.CTCovidPipeline` shared by the app's infer tasks.
+"""One :class:`~ctcovid.ct.CTCovidPipeline` shared by the app's infer tasks.
 
 The pipeline is built on first use and rebuilt when a weights file changes (a finished training writes
 the fine-tuned segmenter; a person drops trained weights into a bundle), so the server never needs a
@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ctcovid.pipelines.bundles import WEIGHTS_FILE, BundleError, MissingWeightsError, bundle_weights_status
-from ctcovid.pipelines.ct import DEFAULT_BUNDLES, PRECISIONS, SEVERITY_MODES, CTCovidPipeline, CTResult
+from ctcovid.bundle.loading import WEIGHTS_FILE, BundleError, MissingWeightsError, bundle_weights_status
+from ctcovid.ct import DEFAULT_BUNDLES, PRECISIONS, SEVERITY_MODES, CTCovidPipeline, CTResult
 
 __all__ = ["FINETUNED_BUNDLE", "PipelineRunner", "RunnerOptions"]
 
@@ -42,9 +42,9 @@ class RunnerOptions:
         bundle_dir: folder holding the bundles (``None``: ``$CTCOVID_BUNDLE_DIR`` or the source tree's).
         model_dir: folder where the fine-tuned lung segmenter bundle lives (``<model_dir>/ct_lung_segmentation``).
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
-        severity: :data:`ctcovid.pipelines.ct.SEVERITY_MODES` (``"covid"``: grade only predicted COVID-19).
+        severity: :data:`ctcovid.ct.pipeline.SEVERITY_MODES` (``"covid"``: grade only predicted COVID-19).
         batch_size: slices per forward pass of the slice-level stages (``None``: the device's fastest).
-        precision: ``"fp32"`` or ``"bf16"`` (autocast; see :data:`ctcovid.pipelines.ct.PRECISIONS`).
+        precision: ``"fp32"`` or ``"bf16"`` (autocast; see :data:`ctcovid.ct.pipeline.PRECISIONS`).
         covid_threshold: P(COVID-19) from which a scan is predicted COVID-19.
         cache_size: pipeline results kept (most recent studies); 0 disables the cache.
     """

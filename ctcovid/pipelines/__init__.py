@@ -1,14 +1,18 @@
-"""ctcovid.pipelines."""
+"""Deprecated: the pipelines moved to :mod:`ctcovid.ct` (CT), :mod:`ctcovid.cxr` (X-ray) and
+:mod:`ctcovid.running` (batch runs). ``from ctcovid.pipelines import CTCovidPipeline`` still works, with a
+``DeprecationWarning``, until ctcovid 0.3."""
 
-# CT pipeline (issue 4)
-from .batch import BatchReport as BatchReport  # noqa: E402
-from .batch import run_batch as run_batch  # noqa: E402
-from .bundles import BundleError as BundleError  # noqa: E402
-from .bundles import MissingWeightsError as MissingWeightsError  # noqa: E402
-from .ct import CTCovidPipeline as CTCovidPipeline  # noqa: E402
-from .ct import CTResult as CTResult  # noqa: E402
+from ctcovid._deprecated import moved
 
-# X-ray cascade (issue 6)
-from .cxr import CXRCascade as CXRCascade  # noqa: E402
-from .cxr import CXRResult as CXRResult  # noqa: E402
-from .cxr import run_cascade as run_cascade  # noqa: E402
+_HOMES = {
+    "CTCovidPipeline": "ctcovid.ct",
+    "CTResult": "ctcovid.ct",
+    "BatchReport": "ctcovid.running",
+    "run_batch": "ctcovid.running",
+    "BundleError": "ctcovid.bundle",
+    "MissingWeightsError": "ctcovid.bundle",
+    "CXRCascade": "ctcovid.cxr",
+    "CXRResult": "ctcovid.cxr",
+    "run_cascade": "ctcovid.cxr",
+}
+__getattr__ = moved(__name__, _HOMES)

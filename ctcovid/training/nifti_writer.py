@@ -6,7 +6,7 @@ import os
 
 from monai.data import NibabelWriter
 
-from ctcovid.pipelines.outputs import atomic_write
+from ctcovid.io.atomic import atomic_write
 
 __all__ = ["AtomicNibabelWriter", "set_default_permissions"]
 

@@ -73,7 +73,7 @@ class SliceProbabilityWriter:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        from ctcovid.pipelines.outputs import write_csv_atomic
+        from ctcovid.io.atomic import write_csv_atomic
 
         for item in engine.state.output:
             prob = torch.as_tensor(item[CommonKeys.PRED])[self.lung_index].detach().cpu().float()

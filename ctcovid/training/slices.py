@@ -34,8 +34,9 @@ import torch.nn.functional as F
 from ctcovid.io import LoadCTd
 from ctcovid.transforms import NormalizeCTIntensityd
 
+from .data_root import default_data_root
+
 __all__ = [
-    "default_data_root",
     "load_lung_datalist",
     "resolve_datalist",
     "lung_slice_items",
@@ -43,14 +44,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-def default_data_root() -> str:
-    """``$CTCOVID_DATA`` if set, else ``../shared/data`` next to the repository root."""
-    env = os.environ.get("CTCOVID_DATA")
-    if env:
-        return str(Path(env).expanduser().resolve())
-    return str(Path(__file__).resolve().parents[2].parent / "shared" / "data")
 
 
 def resolve_datalist(items: Iterable[Mapping], data_root: str | os.PathLike) -> list[dict]:

@@ -1,84 +1,20 @@
-"""ctcovid.transforms."""
+"""ctcovid.transforms: MONAI-style array transforms and their dictionary twins.
 
-from .intensity import (
-    NORMALIZATION_META_KEY,
-    LungWindow,
-    LungWindowd,
-    NormalizeCTIntensity,
-    NormalizeCTIntensityd,
-    RobustDisplayScaling,
-    RobustDisplayScalingd,
-)
-from .quality import (
-    AugmentCopiesd,
-    CurationReport,
-    ImageQualityFilter,
-    ImageQualityFilterd,
-    QualityAssessment,
-    balance_by_augmentation,
-    curate,
-    laplacian_variance,
-    rms_contrast,
-    write_curation_report,
-)
-from .volume import (
-    KEPT_SLICES_KEY,
-    BuildDetectionInput,
-    BuildDetectionInputd,
-    BuildSeverityInput,
-    BuildSeverityInputd,
-    LungSlicesFromMask,
-    LungSlicesFromMaskd,
-    MaskToLung,
-    MaskToLungd,
-    ResampleSlices,
-    ResampleSlicesd,
-    SelectLungSlices,
-    SelectLungSlicesd,
-    kept_slices_from_meta,
-)
-from .xray import CLAHE, CLAHEd, LungRegion, LungRegiond, RandCLAHEd, SaveXRayMaskd
+- :mod:`~.intensity` -- HU lung window, display-value percentile scaling, :class:`NormalizeCTIntensity`.
+- :mod:`~.slice_selection` -- which slices hold lung, and keeping them with their indices.
+- :mod:`~.volume` -- lung masking, depth resampling, the detection and severity stacks.
+- :mod:`~.xray` -- CLAHE, lung regions; :mod:`~.quality` -- image-quality filters and curation.
+- :mod:`~.conditional` -- apply a transform only when a key is present.
 
-__all__ = [
-    # intensity.py
-    "NORMALIZATION_META_KEY",
-    "LungWindow",
-    "LungWindowd",
-    "RobustDisplayScaling",
-    "RobustDisplayScalingd",
-    "NormalizeCTIntensity",
-    "NormalizeCTIntensityd",
-    # quality.py
-    "ImageQualityFilter",
-    "ImageQualityFilterd",
-    "QualityAssessment",
-    "laplacian_variance",
-    "rms_contrast",
-    "CurationReport",
-    "curate",
-    "write_curation_report",
-    "balance_by_augmentation",
-    "AugmentCopiesd",
-    # xray.py
-    "CLAHE",
-    "CLAHEd",
-    "RandCLAHEd",
-    "LungRegion",
-    "LungRegiond",
-    "SaveXRayMaskd",
-    # volume.py
-    "KEPT_SLICES_KEY",
-    "kept_slices_from_meta",
-    "SelectLungSlices",
-    "SelectLungSlicesd",
-    "LungSlicesFromMask",
-    "LungSlicesFromMaskd",
-    "MaskToLung",
-    "MaskToLungd",
-    "ResampleSlices",
-    "ResampleSlicesd",
-    "BuildDetectionInput",
-    "BuildDetectionInputd",
-    "BuildSeverityInput",
-    "BuildSeverityInputd",
-]
+Each module's ``__all__`` is its public API; this package re-exports all of them.
+"""
+
+from . import conditional, intensity, quality, slice_selection, volume, xray
+from .conditional import *  # noqa: F403
+from .intensity import *  # noqa: F403
+from .quality import *  # noqa: F403
+from .slice_selection import *  # noqa: F403
+from .volume import *  # noqa: F403
+from .xray import *  # noqa: F403
+
+__all__ = [name for m in (conditional, intensity, quality, slice_selection, volume, xray) for name in m.__all__]

@@ -271,7 +271,7 @@ def curate(
 
 def write_curation_report(report: CurationReport, path: str | os.PathLike, image_key: str = "image") -> Path:
     """Write one CSV row per assessed image (kept and removed): image, label, the two numbers, kept, reasons."""
-    from ctcovid.pipelines.outputs import write_csv_atomic
+    from ctcovid.io.atomic import write_csv_atomic
 
     fields = ["image", "label", "laplacian_variance", "contrast", "kept", "reasons"]
     rows = []

@@ -1,4 +1,5 @@
-"""Volume building for the CT networks: lung-slice selection, lung masking and depth resampling.
+"""Volume building for the CT networks: lung masking and depth resampling (lung-slice selection is
+:mod:`ctcovid.transforms.slice_selection`).
 
 Input volumes are channel-first ``(1, X, Y, Z)`` tensors (MetaTensors from ``ctcovid.io.load_ct``) whose
 last axis is the slice axis: slice ``k`` is ``img[0, :, :, k]``.
@@ -28,13 +29,9 @@ from monai.utils import TransformBackends, convert_to_tensor, ensure_tuple_rep
 
 from ctcovid.io.errors import CTInputError, NoLungSlicesError
 
+from .volume_checks import as_volume_tensor, source_name
+
 __all__ = [
-    "KEPT_SLICES_KEY",
-    "kept_slices_from_meta",
-    "SelectLungSlices",
-    "SelectLungSlicesd",
-    "LungSlicesFromMask",
-    "LungSlicesFromMaskd",
     "MaskToLung",
     "MaskToLungd",
     "ResampleSlices",
@@ -47,192 +44,6 @@ __all__ = [
 
 #: Meta-data key holding the original indices of the kept slices, as a comma-separated string
 #: (e.g. ``"12,13,14"``): a string, unlike a list, collates across scans with different slice counts.
-KEPT_SLICES_KEY = "kept_slices"
-
-
-def kept_slices_from_meta(meta: Mapping) -> list[int] | None:
-    """Original slice indices recorded by :class:`SelectLungSlices` in ``meta`` (``None`` if not recorded)."""
-    value = meta.get(KEPT_SLICES_KEY)
-    if value is None:
-        return None
-    return [int(v) for v in str(value).split(",") if v.strip()]
-
-
-def _to_tensor(img: NdarrayOrTensor) -> torch.Tensor:
-    """Torch tensor view of ``img``; a MetaTensor stays one (when meta tracking is on)."""
-    return convert_to_tensor(img, track_meta=get_track_meta())
-
-
-def _scan_name(img: NdarrayOrTensor) -> str | None:
-    if isinstance(img, MetaTensor):
-        name = img.meta.get("filename_or_obj")
-        return None if name is None else str(name)
-    return None
-
-
-def _check_volume(img: torch.Tensor, what: str) -> None:
-    if img.ndim != 4:
-        raise CTInputError(
-            _scan_name(img), f"{what} needs a channel-first volume (C, X, Y, Z), got shape {tuple(img.shape)}"
-        )
-
-
-class SelectLungSlices(Transform):
-    """Keep the slices whose lung probability reaches ``threshold``, in their original order.
-
-    Args:
-        threshold: a slice is kept when its probability is ``>= threshold``.
-
-    ``__call__(img, slice_prob)``:
-        img: ``(C, X, Y, Z)`` volume (slices on the last axis).
-        slice_prob: ``Z`` per-slice lung probabilities (array / tensor / list; from
-            :class:`ctcovid.networks.LungSliceFilter` or :class:`LungSlicesFromMask`).
-
-    Returns ``(C, X, Y, K)`` with the K kept slices. On a MetaTensor the original indices of the kept slices
-    are recorded under ``meta["kept_slices"]`` (see :func:`kept_slices_from_meta`; composed with an
-    earlier selection if there was one).
-
-    Raises:
-        NoLungSlicesError: no slice reaches the threshold (the message names the scan).
-    """
-
-    backend = [TransformBackends.TORCH]
-
-    def __init__(self, threshold: float = 0.5) -> None:
-        self.threshold = float(threshold)
-
-    def __call__(self, img: NdarrayOrTensor, slice_prob: NdarrayOrTensor | Sequence[float]) -> torch.Tensor:
-        img = _to_tensor(img)
-        _check_volume(img, "SelectLungSlices")
-        name = _scan_name(img)
-        prob = torch.as_tensor(convert_to_tensor(slice_prob, track_meta=False)).reshape(-1)
-        n_slices = img.shape[-1]
-        if prob.numel() != n_slices:
-            raise ValueError(f"{name}: {prob.numel()} slice probabilities for a volume of {n_slices} slices")
-        keep = torch.nonzero(prob >= self.threshold).flatten()
-        if keep.numel() == 0:
-            highest = float(prob.max()) if prob.numel() else float("nan")
-            raise NoLungSlicesError(
-                name,
-                f"no slice was judged to contain lung (lung probability >= {self.threshold} on none of "
-                f"{n_slices} slices; highest {highest:.3f})",
-            )
-        out = img.index_select(img.ndim - 1, keep.to(img.device))
-        if isinstance(out, MetaTensor):
-            kept = keep.tolist()
-            earlier = kept_slices_from_meta(img.meta)
-            if earlier is not None and len(earlier) == n_slices:
-                kept = [earlier[i] for i in kept]
-            out.meta = dict(out.meta)  # never write into the input's meta dict
-            out.meta[KEPT_SLICES_KEY] = ",".join(map(str, kept))
-        return out
-
-
-class SelectLungSlicesd(MapTransform):
-    """Dictionary twin of :class:`SelectLungSlices`: the same slices are kept in every key.
-
-    Args:
-        keys: volumes to cut (e.g. ``["image", "lung_mask"]``).
-        prob_key: key of the ``Z`` per-slice lung probabilities.
-        threshold: see :class:`SelectLungSlices`.
-        allow_missing_keys: don't raise if a key is missing.
-    """
-
-    backend = SelectLungSlices.backend
-
-    def __init__(
-        self,
-        keys: KeysCollection,
-        prob_key: str = "slice_lung_prob",
-        threshold: float = 0.5,
-        allow_missing_keys: bool = False,
-    ) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.prob_key = prob_key
-        self.selector = SelectLungSlices(threshold)
-
-    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = self.selector(d[key], d[self.prob_key])
-        return d
-
-
-class LungSlicesFromMask(Transform):
-    """Per-slice lung indicator from a lung mask: a slice is lung if its mask area is large enough.
-
-    The slice filter used when no slice-classifier weights are available; its output feeds
-    :class:`SelectLungSlices` (threshold 0.5).
-
-    Args:
-        min_area: smallest lung area of a lung slice, as a fraction of the slice area
-            (``area_unit="fraction"``, default 1 %) or in pixels (``area_unit="pixels"``).
-            A lung slice always needs at least one lung pixel.
-        area_unit: ``"fraction"`` or ``"pixels"``.
-        mask_threshold: mask voxels ``> mask_threshold`` are lung (works for {0, 1} masks, label maps
-            with one label per lung, and probabilities).
-
-    ``__call__(mask)``: ``(C, X, Y, Z)`` mask (any channel counts) -> ``(Z,)`` float32 tensor of 0 / 1.
-    """
-
-    backend = [TransformBackends.TORCH]
-
-    def __init__(
-        self, min_area: float = 0.01, area_unit: str = "fraction", mask_threshold: float = 0.5
-    ) -> None:
-        if area_unit not in ("fraction", "pixels"):
-            raise ValueError(f"area_unit must be 'fraction' or 'pixels', got {area_unit!r}")
-        if min_area < 0 or (area_unit == "fraction" and min_area > 1):
-            raise ValueError(f"min_area {min_area} out of range for area_unit={area_unit!r}")
-        self.min_area = float(min_area)
-        self.area_unit = area_unit
-        self.mask_threshold = float(mask_threshold)
-
-    def __call__(self, mask: NdarrayOrTensor) -> torch.Tensor:
-        mask = convert_to_tensor(mask, track_meta=False)
-        _check_volume(mask, "LungSlicesFromMask")
-        lung = (mask > self.mask_threshold).any(dim=0)  # (X, Y, Z)
-        area = lung.sum(dim=(0, 1))
-        min_pixels = (
-            self.min_area * lung.shape[0] * lung.shape[1] if self.area_unit == "fraction" else self.min_area
-        )
-        return ((area >= min_pixels) & (area > 0)).to(torch.float32)
-
-
-class LungSlicesFromMaskd(MapTransform):
-    """Dictionary twin of :class:`LungSlicesFromMask`: writes the indicator under ``output_key``.
-
-    Args:
-        keys: the one lung-mask key.
-        output_key: where the ``(Z,)`` indicator goes (what :class:`SelectLungSlicesd` reads).
-        min_area, area_unit, mask_threshold: see :class:`LungSlicesFromMask`.
-        allow_missing_keys: don't raise if the key is missing.
-    """
-
-    backend = LungSlicesFromMask.backend
-
-    def __init__(
-        self,
-        keys: KeysCollection = "lung_mask",
-        output_key: str = "slice_lung_prob",
-        min_area: float = 0.01,
-        area_unit: str = "fraction",
-        mask_threshold: float = 0.5,
-        allow_missing_keys: bool = False,
-    ) -> None:
-        super().__init__(keys, allow_missing_keys)
-        if len(self.keys) != 1:
-            raise ValueError(f"LungSlicesFromMaskd takes one mask key, got {self.keys}")
-        self.output_key = output_key
-        self.indicator = LungSlicesFromMask(min_area, area_unit, mask_threshold)
-
-    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[self.output_key] = self.indicator(d[key])
-        return d
-
-
 class MaskToLung(Transform):
     """Keep the lung: voxels outside the lung mask are set to ``background``.
 
@@ -255,7 +66,7 @@ class MaskToLung(Transform):
         self.mask_threshold = float(mask_threshold)
 
     def __call__(self, img: NdarrayOrTensor, mask: NdarrayOrTensor) -> torch.Tensor:
-        img = _to_tensor(img)
+        img = as_volume_tensor(img)
         return self.apply(img, self.checked_mask(img, mask))
 
     def checked_mask(self, img: torch.Tensor, mask: NdarrayOrTensor) -> torch.Tensor:
@@ -263,7 +74,7 @@ class MaskToLung(Transform):
         mask = convert_to_tensor(mask, track_meta=False, device=img.device)
         if mask.ndim != img.ndim or mask.shape[1:] != img.shape[1:] or mask.shape[0] not in (1, img.shape[0]):
             raise CTInputError(
-                _scan_name(img),
+                source_name(img),
                 f"lung mask shape {tuple(mask.shape)} does not match image shape {tuple(img.shape)}",
             )
         return mask
@@ -353,7 +164,7 @@ class ResampleSlices(Transform):
         self.spatial_size = tuple(int(s) for s in ensure_tuple_rep(spatial_size, 2))
 
     def __call__(self, img: NdarrayOrTensor) -> torch.Tensor:
-        img = _to_tensor(img)
+        img = as_volume_tensor(img)
         (out,) = _build_stacks(self.volume(img), [self])
         return self.wrap(out, img)
 
@@ -362,17 +173,17 @@ class ResampleSlices(Transform):
         if img.ndim == 4:
             if img.shape[0] != 1:
                 raise CTInputError(
-                    _scan_name(img), f"ResampleSlices needs one channel, got shape {tuple(img.shape)}"
+                    source_name(img), f"ResampleSlices needs one channel, got shape {tuple(img.shape)}"
                 )
             vol = img[0]
         elif img.ndim == 3:
             vol = img
         else:
             raise CTInputError(
-                _scan_name(img), f"ResampleSlices needs a (1, X, Y, Z) volume, got shape {tuple(img.shape)}"
+                source_name(img), f"ResampleSlices needs a (1, X, Y, Z) volume, got shape {tuple(img.shape)}"
             )
         if vol.shape[-1] == 0:
-            raise NoLungSlicesError(_scan_name(img), "no slices to resample")
+            raise NoLungSlicesError(source_name(img), "no slices to resample")
         return vol.as_tensor() if isinstance(vol, MetaTensor) else vol
 
     @staticmethod
@@ -528,7 +339,7 @@ def _masked_stacks(
 ) -> list[torch.Tensor]:
     """Each resampler's ``(depth, H, W)`` stack of ``img``, lung-masked by ``masker`` when ``mask`` is given
     (the body of the ``Build*Input`` transforms; :func:`_build_stacks` does the work)."""
-    img = _to_tensor(img)
+    img = as_volume_tensor(img)
     vol = resamplers[0].volume(img)
     if mask is not None:
         mask = masker.checked_mask(img, mask)

@@ -216,7 +216,7 @@ class SaveXRayMaskd(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         import os
 
-        from ctcovid.pipelines.outputs import write_nifti_atomic
+        from ctcovid.io.atomic import write_nifti_atomic
         from ctcovid.visualize.gradcam import save_png_atomic
 
         d = dict(data)

@@ -110,7 +110,7 @@ def save_png_atomic(array: np.ndarray, path: str | os.PathLike) -> Path:
     """
     from PIL import Image
 
-    from ctcovid.pipelines.outputs import write_bytes_atomic
+    from ctcovid.io.atomic import write_bytes_atomic
 
     arr = np.asarray(array)
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):

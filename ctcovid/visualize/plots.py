@@ -29,7 +29,7 @@ def _new_figure(size: tuple[float, float]):
 
 def write_figure_png_atomic(fig, path: str | os.PathLike) -> Path:
     """Render ``fig`` to PNG at ``path`` through a temporary file in the same folder; returns the path."""
-    from ctcovid.pipelines.outputs import write_bytes_atomic
+    from ctcovid.io.atomic import write_bytes_atomic
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight")

@@ -73,7 +73,7 @@ def _save_random_weights(bundle: Path, seed: int, lung_everywhere: bool = False)
     """
     import torch
 
-    from ctcovid.pipelines.bundles import read_bundle_config
+    from ctcovid.bundle.loading import read_bundle_config
 
     torch.manual_seed(seed)
     net = read_bundle_config(bundle).get_parsed_content("network_def", instantiate=True)

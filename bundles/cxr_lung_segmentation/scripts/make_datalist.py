@@ -7,7 +7,7 @@ Usage (from the repository root)::
 Items are the rows of ``labels.csv`` with a ``lung_mask`` (V7 Labs manual masks, binarised; > 0 = lung).
 Masks with no lung pixel are excluded (the upstream V7 set has 24 empty X-ray masks; the shared copy already
 left them out, the check stays so a fresh copy gives the same list). The split is by ``patientid`` with
-:func:`ctcovid.pipelines.cxr_data.group_split` (seed 0): 70 % training, 10 % validation (checkpoint
+:func:`ctcovid.training.splits.group_split` (seed 0): 70 % training, 10 % validation (checkpoint
 selection), 20 % test (the Dice reported in docs/README.md). Paths are relative to the data root.
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ctcovid.pipelines.cxr_data import group_split
+from ctcovid.cxr.datalists import group_split
 
 HERE = Path(__file__).resolve().parents[1]
 FRACTIONS = {"training": 0.7, "validation": 0.1, "test": 0.2}
@@ -53,7 +53,7 @@ def main() -> None:
     out = {
         "description": "ieee8023 chest X-rays with manual V7 Labs lung masks (> 0 = lung), split by patientid",
         "split": {"unit": "patientid", "seed": SEED, "fractions": FRACTIONS,
-                  "function": "ctcovid.pipelines.cxr_data.group_split"},
+                  "function": "ctcovid.training.splits.group_split"},
         "excluded_empty_masks": sorted(empty),
         "counts": {},
     }

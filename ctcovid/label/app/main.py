@@ -28,16 +28,16 @@ from monailabel.tasks.activelearning.first import First  # noqa: E402
 from monailabel.tasks.activelearning.random import Random  # noqa: E402
 
 import ctcovid  # noqa: E402
+from ctcovid.ct.pipeline import DEFAULT_BUNDLES  # noqa: E402
 from ctcovid.label.datastore import CTStudiesDatastore  # noqa: E402
 from ctcovid.label.infer import LUNG_LABELS, CovidClassificationInfer, LungSegmentationInfer  # noqa: E402
 from ctcovid.label.runner import PipelineRunner, RunnerOptions  # noqa: E402
-from ctcovid.pipelines.ct import DEFAULT_BUNDLES  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
 
 class CTCovidLabelApp(MONAILabelApp):
-    """MONAI Label app over :class:`ctcovid.pipelines.CTCovidPipeline` and the ``ct_lung_segmentation`` bundle."""
+    """MONAI Label app over :class:`ctcovid.ct.CTCovidPipeline` and the ``ct_lung_segmentation`` bundle."""
 
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]):
         conf = dict(conf or {})

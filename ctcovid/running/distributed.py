@@ -1,7 +1,7 @@
 """Batch inference over many scans split across processes launched by ``torchrun`` (GPUs or CPU).
 
 ``torchrun --nproc_per_node N -m ctcovid predict SCANS --out OUT`` starts N processes (ranks); each runs
-:func:`ctcovid.pipelines.batch.run_batch` on its own share of the scans, so N GPUs (or N groups of CPU
+:func:`ctcovid.running.batch.run_batch` on its own share of the scans, so N GPUs (or N groups of CPU
 cores) work on N scans at once. The models are independent per rank: nothing but the plan, one barrier and
 the exit code goes over the process group. :func:`run_sharded` does, on every rank:
 
@@ -37,8 +37,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .batch import SUMMARY_FIELDS, SUMMARY_NAME
-from .outputs import write_csv_atomic
+from ctcovid.io.atomic import write_csv_atomic
+
+from .batch import SUMMARY_NAME
 from .resume import input_files
 from .scans import ScanInput
 
@@ -182,12 +183,12 @@ def shard_by_cost(costs: Sequence[int], world_size: int) -> list[list[int]]:
 
 
 def merge_partial_summaries(
-    out_dir: str | os.PathLike, scans: Sequence[ScanInput], world_size: int
+    out_dir: str | os.PathLike, scans: Sequence[ScanInput], world_size: int, fields: Sequence[str]
 ) -> list[dict[str, str]] | None:
     """Merge ``summary.rank<r>.csv`` (r < ``world_size``) into ``summary.csv``; remove every partial.
 
     Rows follow the order of ``scans``; a scan without a row (its rank stopped before running it) is left
-    out. Columns are those of a single-process run: the fixed ones, then ``p_<class>`` columns in the
+    out. Columns are those of a single-process run: the fixed ones (``fields``), then ``p_<class>`` columns in the
     order they first hold a value. Returns the merged rows, or ``None`` (nothing written) when no rank
     wrote a partial summary (nothing ran, e.g. missing weights).
     """
@@ -207,8 +208,8 @@ def merge_partial_summaries(
     rows = [by_id[s.scan_id] for s in scans if s.scan_id in by_id]
     extra: list[str] = []
     for row in rows:  # a single process adds p_<class> keys only to graded rows: same column order
-        extra += [k for k, v in row.items() if k not in SUMMARY_FIELDS and k not in extra and v != ""]
-    write_csv_atomic(rows, [*SUMMARY_FIELDS, *extra], out / SUMMARY_NAME)
+        extra += [k for k, v in row.items() if k not in fields and k not in extra and v != ""]
+    write_csv_atomic(rows, [*fields, *extra], out / SUMMARY_NAME)
     for path in out.iterdir():  # this run's partials and any left by a killed run with more ranks
         if _PARTIAL.match(path.name):
             path.unlink(missing_ok=True)
@@ -221,6 +222,7 @@ def run_sharded(
     device: str,
     plan: Callable[[], Sequence[ScanInput] | int],
     run_shard: Callable[[list[ScanInput], str, str], int],
+    summary_fields: Sequence[str],
     cost_out_dir: str | os.PathLike | None = None,
     failed_code: int = 1,
     timeout: timedelta = DEFAULT_TIMEOUT,
@@ -236,6 +238,7 @@ def run_sharded(
             (a usage error the callee has already reported).
         run_shard: ``run_shard(scans, device, summary_name) -> exit code``: processes this rank's scans
             (input order) on ``device`` with the partial summary ``out_dir/summary_name``.
+        summary_fields: the fixed ``summary.csv`` columns (the pipeline's ``result_type.SUMMARY_FIELDS``).
         cost_out_dir: passed to :func:`scan_cost` (the output folder, or ``None`` with ``--force``).
         failed_code: exit code of a rank that raised, or of a failed merge.
         timeout: how long collectives (the barrier) wait.
@@ -270,7 +273,7 @@ def run_sharded(
         dist.barrier()  # every partial summary is complete
         if world.is_main:
             try:
-                rows = merge_partial_summaries(out_dir, scans, world.world_size)
+                rows = merge_partial_summaries(out_dir, scans, world.world_size, summary_fields)
             except (OSError, ValueError, KeyError) as e:
                 say(f"could not merge the partial summaries in {out_dir}: {e}")
                 code = max(code, failed_code)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .outputs import write_bytes_atomic
+from ctcovid.io.atomic import write_bytes_atomic
 
 __all__ = ["display_slice", "pick_montage_slices", "save_montage_png"]
 

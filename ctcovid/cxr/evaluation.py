@@ -1,7 +1,7 @@
 """Evaluation and viral-threshold calibration for the chest X-ray cascade bundles.
 
 Two ignite handlers for MONAI evaluators (``SupervisedEvaluator``), used by the bundles' ``evaluate.json``
-and ``calibrate.json``; both extend :class:`ctcovid.handlers.ClassificationReportWriter` (which collects the
+and ``calibrate.json``; both extend :class:`ctcovid.training.handlers.ClassificationReportWriter` (which collects the
 post-processed per-image probabilities and labels of a run and writes the classification report) and then
 
 - :class:`EvaluationReportWriter` adds the confusion matrix and ROC PNGs (:mod:`ctcovid.visualize.plots`)
@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ctcovid.handlers.report import ClassificationReportWriter
-from ctcovid.pipelines.outputs import write_csv_atomic, write_json_atomic
-from ctcovid.pipelines.resume import sha256_file
+from ctcovid.io.atomic import write_csv_atomic, write_json_atomic
+from ctcovid.io.hashing import sha256_file
+from ctcovid.training.handlers.report import ClassificationReportWriter
 
 __all__ = [
     "EvaluationReportWriter",
@@ -57,7 +57,7 @@ def _report_arrays(report: dict) -> tuple[np.ndarray, np.ndarray]:
 
 class EvaluationReportWriter(ClassificationReportWriter):
     """The paper-style evaluation of an evaluator run: the report JSON of
-    :class:`ctcovid.handlers.ClassificationReportWriter` (per-class one-vs-rest sensitivity, specificity,
+    :class:`ctcovid.training.handlers.ClassificationReportWriter` (per-class one-vs-rest sensitivity, specificity,
     precision, F1, accuracy, AUC, macro averages, confusion matrix, per-image probabilities) plus
     ``class_balance``, ``confusion_matrix.png`` and ``roc.png`` in the same folder.
 
@@ -66,7 +66,7 @@ class EvaluationReportWriter(ClassificationReportWriter):
         class_names: class order of the predictions.
         title: figure title prefix (bundle and split).
         filename: report file name.
-        kwargs: passed to :class:`~ctcovid.handlers.ClassificationReportWriter` (``output_transform``,
+        kwargs: passed to :class:`~ctcovid.training.handlers.ClassificationReportWriter` (``output_transform``,
             ``name_transform``, ``extra``).
     """
 
@@ -106,7 +106,7 @@ class ViralThresholdCalibrator(ClassificationReportWriter):
         model_file: weights the probabilities came from; their SHA-256 is stored so that a threshold that no
             longer matches the weights can be detected.
         extra: more JSON facts stored with the value (image size, data root).
-        kwargs: passed to :class:`~ctcovid.handlers.ClassificationReportWriter`.
+        kwargs: passed to :class:`~ctcovid.training.handlers.ClassificationReportWriter`.
     """
 
     def __init__(

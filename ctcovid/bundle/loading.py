@@ -11,7 +11,7 @@ stages without weights.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,10 +19,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ctcovid.bundle import bundles_root, load_bundle_metadata
-from ctcovid.handlers.checkpoint import MissingWeightsError  # one class for every missing-weights refusal
+from ctcovid.io.hashing import sha256_file
 
-from .resume import sha256_file
+from .errors import BundleError, MissingWeightsError
+from .utils import bundles_root, load_bundle_metadata
 
 WEIGHTS_FILE = Path("models") / "model.pt"
 
@@ -38,10 +38,6 @@ def _missing_weights(stage: str, bundle: str, bundle_dir: Path) -> MissingWeight
         stage=stage,
         bundle_dir=bundle_dir,
     )
-
-
-class BundleError(RuntimeError):
-    """A bundle is missing, its config cannot build the network, or its checkpoint does not fit it."""
 
 
 @dataclass
@@ -85,6 +81,16 @@ class StageModel:
         """``network_data_format.inputs.image.spatial_shape`` (the size the network was trained at)."""
         shape = _get(self.metadata, "network_data_format", "inputs", "image", "spatial_shape")
         return [int(s) for s in shape] if shape else None
+
+    def class_names(self, default: Sequence[str]) -> list[str]:
+        """Output class names: the config's ``class_names``, else metadata ``channel_def``, else ``default``."""
+        names = self.config_value("class_names") or self.channel_names() or default
+        return [str(n) for n in names]
+
+    def in_plane_size(self, default: tuple[int, int]) -> tuple[int, int]:
+        """``(H, W)`` the network takes: config ``spatial_size``, else metadata ``spatial_shape``, else ``default``."""
+        shape = self.config_value("spatial_size") or self.input_shape() or default
+        return int(shape[-2]), int(shape[-1])
 
     def config_value(self, *keys: str, default: Any = None) -> Any:
         """The parsed value of the first of ``keys`` present in ``inference.json`` (else ``default``)."""

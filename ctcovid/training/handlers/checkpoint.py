@@ -7,6 +7,8 @@ import os
 import re
 from pathlib import Path
 
+from ctcovid.bundle.errors import MissingWeightsError
+
 __all__ = ["MissingWeightsError", "latest_checkpoint", "require_checkpoint"]
 
 logger = logging.getLogger(__name__)
@@ -14,31 +16,10 @@ logger = logging.getLogger(__name__)
 _EPOCH = re.compile(r"epoch=(\d+)\.pt$")
 
 
-class MissingWeightsError(FileNotFoundError):
-    """A bundle was asked to predict but has no trained weights; the message says how to train it.
-
-    One class for every place that refuses random weights (bundle configs through
-    :func:`require_checkpoint`, the CT and X-ray pipelines), so ``except MissingWeightsError`` catches
-    them all. ``bundle``, ``stage`` (a pipeline stage) and ``bundle_dir`` are set where known.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        bundle: str | None = None,
-        stage: str | None = None,
-        bundle_dir: str | os.PathLike | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.bundle, self.stage = bundle, stage
-        self.bundle_dir = None if bundle_dir is None else Path(bundle_dir)
-
-
 def require_checkpoint(path: str | os.PathLike, bundle_name: str, allow_random_weights: bool = False) -> bool:
     """True if the checkpoint ``path`` exists; otherwise raise, or (explicit opt-in) warn and return False.
 
-    Used as ``"_disabled_": "$not ctcovid.handlers.require_checkpoint(...)"`` on the ``CheckpointLoader`` of
+    Used as ``"_disabled_": "$not ctcovid.training.handlers.require_checkpoint(...)"`` on the ``CheckpointLoader`` of
     an inference config, so that a bundle without trained weights never predicts with random ones silently.
 
     Raises:

@@ -18,69 +18,16 @@ from __future__ import annotations
 import csv
 import json
 import os
-import random
-from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from ctcovid.pipelines.outputs import write_json_atomic
+from ctcovid.io.atomic import write_json_atomic
+from ctcovid.training.data_root import default_data_root
+from ctcovid.training.splits import balanced_subset, group_split
 
 STAGE1_CLASSES = ("normal", "bacterial", "viral")
 STAGE2_CLASSES = ("COVID-19", "viral-other")
 FRONTAL_VIEWS = ("PA", "AP", "AP Supine")
-
-
-def default_data_root(*parts: str) -> str:
-    """``$CTCOVID_DATA/<parts>`` if set, else ``<repo>/../shared/data/<parts>`` (the development layout)."""
-    base = os.environ.get("CTCOVID_DATA") or str(Path(__file__).resolve().parents[3] / "shared" / "data")
-    return str(Path(base, *parts))
-
-
-def group_split(
-    items: Sequence[dict],
-    fractions: dict[str, float],
-    group_key: str = "patient",
-    seed: int = 0,
-) -> dict[str, list[dict]]:
-    """Split ``items`` into named parts so that no group (patient) is in two parts.
-
-    Groups are stratified by their sorted set of labels; within a stratum, groups are shuffled with
-    ``seed`` and each goes to the part whose image count is furthest below its target fraction (every
-    part first receives one group while the stratum has enough groups, so rare classes reach all parts).
-
-    Args:
-        items: dicts with ``label`` and ``group_key`` entries.
-        fractions: part name -> fraction of the images (normalised to sum 1), in output order.
-        group_key: item key naming the group.
-        seed: shuffling seed.
-    """
-    names = list(fractions)
-    total = float(sum(fractions.values()))
-    target = {k: v / total for k, v in fractions.items()}
-    groups: dict[str, list[dict]] = defaultdict(list)
-    for it in items:
-        groups[str(it[group_key])].append(it)
-    strata: dict[tuple, list[str]] = defaultdict(list)
-    for g, members in groups.items():
-        strata[tuple(sorted({m["label"] for m in members}))].append(g)
-    rng = random.Random(seed)
-    out: dict[str, list[dict]] = {k: [] for k in names}
-    for key in sorted(strata):
-        gids = sorted(strata[key])
-        rng.shuffle(gids)
-        counts = dict.fromkeys(names, 0)
-        n_total = sum(len(groups[g]) for g in gids)
-        for i, g in enumerate(gids):
-            if i < len(names) and len(gids) >= len(names):
-                # rarest-first guarantee: each part gets a group of this stratum, largest fraction first
-                part = sorted(names, key=lambda k: -target[k])[i]
-            else:
-                part = max(names, key=lambda k: target[k] * n_total - counts[k])
-            counts[part] += len(groups[g])
-            out[part].extend(groups[g])
-    for k in names:
-        out[k].sort(key=lambda it: it["image"])
-    return out
 
 
 def kermany_items(data_root: str | os.PathLike) -> list[dict]:
@@ -157,7 +104,7 @@ def load_datalist(
         lung_masks: add ``lung_mask`` to every item (regional learning); raises ``FileNotFoundError`` naming
             the first image without one.
         mask_root: where the masks are: ``mask_root/<image path with .png suffix>`` (masks precomputed by the
-            X-ray lung segmenter, e.g. with :func:`ctcovid.pipelines.cxr_masks.predict_lung_masks`). Without
+            X-ray lung segmenter, e.g. with :func:`ctcovid.cxr.masks.predict_lung_masks`). Without
             it, the manual masks named in the datalist are used (ieee8023 COVID images only).
     """
     with open(datalist_file, encoding="utf-8") as f:
@@ -198,42 +145,6 @@ def image_datalist(source: str | os.PathLike | Sequence[str | os.PathLike]) -> l
         return [{"image": str(p), "name": p.relative_to(root).as_posix()} for p in files]
     files = [source] if isinstance(source, (str, os.PathLike)) else list(source)
     return [{"image": str(p), "name": Path(p).name} for p in files]
-
-
-def balanced_subset(items: Sequence[dict], n: int, seed: int = 0) -> list[dict]:
-    """``n`` items taken round-robin over classes (each class shuffled with ``seed``), in input order."""
-    by_cls: dict[int, list[int]] = defaultdict(list)
-    for i, it in enumerate(items):
-        by_cls[int(it["label"])].append(i)
-    rng = random.Random(seed)
-    for idx in by_cls.values():
-        rng.shuffle(idx)
-    chosen: list[int] = []
-    queues = [by_cls[c] for c in sorted(by_cls)]
-    while len(chosen) < n and any(queues):
-        for q in queues:
-            if q and len(chosen) < n:
-                chosen.append(q.pop())
-    return [items[i] for i in sorted(chosen)]
-
-
-def class_weights(items: Sequence[dict], num_classes: int) -> list[float]:
-    """Inverse-frequency class weights ``N / (C * n_c)`` (1.0 for a balanced set; absent classes get 0)."""
-    counts = Counter(int(it["label"]) for it in items)
-    n = sum(counts.values())
-    return [n / (num_classes * counts[c]) if counts[c] else 0.0 for c in range(num_classes)]
-
-
-def sample_weights(items: Sequence[dict], num_classes: int) -> list[float]:
-    """Per-item weights for ``torch.utils.data.WeightedRandomSampler`` (each class drawn equally often)."""
-    w = class_weights(items, num_classes)
-    return [w[int(it["label"])] for it in items]
-
-
-def class_balance(items: Sequence[dict], class_names: Sequence[str]) -> dict[str, int]:
-    """Image count per class name."""
-    counts = Counter(int(it["label"]) for it in items)
-    return {c: counts[i] for i, c in enumerate(class_names)}
 
 
 def _read_csv(path: Path) -> list[dict]:

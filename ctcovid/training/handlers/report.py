@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import torch
-from ignite.engine import Engine, Events
+from ignite.engine import Engine
 from monai.handlers import from_engine
 
+from ctcovid.io.atomic import write_json_atomic
 from ctcovid.metrics.classification import classification_report
-from ctcovid.pipelines.outputs import write_json_atomic
+from ctcovid.training.handlers.epoch_file import EpochFileWriter
 
 __all__ = ["ClassificationReportWriter", "batch_names"]
 
@@ -31,7 +31,7 @@ def batch_names(batch) -> list[str]:
     return names
 
 
-class ClassificationReportWriter:
+class ClassificationReportWriter(EpochFileWriter):
     """Writes ``<output_dir>/<filename>`` at the end of an evaluator run (single process).
 
     Args:
@@ -57,9 +57,7 @@ class ClassificationReportWriter:
         name_transform: Callable | None = None,
         extra: dict | None = None,
     ) -> None:
-        self.output_dir = Path(output_dir)
-        self.class_names = [str(c) for c in class_names]
-        self.filename = filename
+        super().__init__(output_dir, class_names, filename)
         self.output_transform = output_transform
         self.name_transform = name_transform
         self.extra = dict(extra or {})
@@ -67,15 +65,6 @@ class ClassificationReportWriter:
         self._probs: list[torch.Tensor] = []
         self._labels: list[int] = []
         self._names: list[str] = []
-
-    @property
-    def path(self) -> Path:
-        return self.output_dir / self.filename
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_STARTED, self._started)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
 
     def _started(self, _engine: Engine) -> None:
         self._probs, self._labels, self._names = [], [], []

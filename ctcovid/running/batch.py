@@ -1,14 +1,15 @@
-"""Running the CT pipeline over many scans with outputs on disk, failures recorded, and resume.
+"""Running a pipeline over many scans with outputs on disk, failures recorded, and resume.
 
-For every scan of a run (see :func:`ctcovid.pipelines.scans.discover_scans`) :func:`run_batch` writes into
-``out_dir``: ``<id>_lung_mask.nii.gz``, ``<id>_montage.png`` and ``<id>.json`` (last, all atomically), and
+For every scan of a run (see :func:`ctcovid.running.scans.discover_scans`) :func:`run_batch` writes into
+``out_dir`` what the pipeline's result saves (for the CT pipeline ``<id>_lung_mask.nii.gz``,
+``<id>_montage.png``) and then ``<id>.json`` (last, all atomically), and
 after every scan it rewrites ``summary.csv`` (one row per scan handled so far, atomically), so a killed
 run leaves complete files and an up-to-date summary.
 
 - A scan that fails (unreadable, no lung slices, ...) gets ``status=failed`` with the reason in its JSON
   and its summary row; the run goes on.
 - A scan whose ``<id>.json`` is ``ok`` with the same resume key (input content hash + model versions +
-  options, :mod:`ctcovid.pipelines.resume`) and whose mask and montage still exist is not recomputed: its
+  options, :mod:`ctcovid.running.resume`) and whose mask and montage still exist is not recomputed: its
   row says ``skipped-done``. ``force=True`` recomputes everything. Failed scans are always retried.
 - Reading runs ahead in a thread pool (``workers`` scans at a time) while the networks work on the
   current scan; networks run in the calling thread.
@@ -25,33 +26,37 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+from ctcovid.io.atomic import write_csv_atomic, write_json_atomic
 from ctcovid.io.errors import CTInputError
 
-from .ct import CTCovidPipeline, CTResult
-from .outputs import write_csv_atomic, write_json_atomic
 from .resume import hash_input, load_done_record, resume_key
 from .scans import ScanInput, discover_scans
 
-__all__ = ["BatchReport", "SUMMARY_FIELDS", "SUMMARY_NAME", "run_batch"]
+__all__ = ["BatchPipeline", "BatchReport", "SUMMARY_NAME", "run_batch"]
 
 SUMMARY_NAME = "summary.csv"
 
-#: Fixed columns of ``summary.csv``; ``p_<class>`` severity columns follow, in class order.
-SUMMARY_FIELDS = (
-    "scan_id",
-    "path",
-    "status",
-    "reason",
-    "slices_read",
-    "slices_kept",
-    "lung_volume_ml",
-    "covid_probability",
-    "covid_probability_spread",
-    "prediction",
-    "severity",
-)
+
+class BatchPipeline(Protocol):
+    """What :func:`run_batch` needs of a pipeline (:class:`ctcovid.ct.CTCovidPipeline` is one).
+
+    ``result_type`` is the class of its results: ``SUMMARY_FIELDS`` (fixed ``summary.csv`` columns),
+    ``output_names(scan_id)``, ``failed(scan_id, path, reason, **fields)`` and
+    ``summary_row_from_record(record, scan_id, path, status, reason)``; a result has ``save(out_dir)``,
+    ``to_dict()``, ``summary_row()``, ``timings_s``, ``input_sha256`` and ``resume_key``.
+    """
+
+    result_type: type
+
+    def read(self, path: str | os.PathLike) -> Any: ...
+
+    def process(self, volume: Any, path=None, scan_id=None, read_seconds=None, on_stage=None) -> Any: ...
+
+    def model_versions(self) -> dict[str, dict]: ...
+
+    def options(self) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -96,40 +101,13 @@ class _Prepared:
 
     def take_volume(self) -> Any:
         """Hand the volume over: once no name here holds it, the pipeline frees it as soon as it is
-        normalised (:meth:`CTCovidPipeline.process`) instead of at the end of the scan."""
+        normalised (:meth:`ctcovid.ct.CTCovidPipeline.process`) instead of at the end of the scan."""
         volume, self.volume = self.volume, None
         return volume
 
 
-def _outputs_of(scan_id: str, out_dir: Path) -> list[Path]:
-    return [out_dir / f"{scan_id}_lung_mask.nii.gz", out_dir / f"{scan_id}_montage.png"]
-
-
-def _row_from_record(record: dict, scan: ScanInput) -> dict[str, Any]:
-    """Summary row of a finished scan, rebuilt from its ``<id>.json`` record."""
-    det = record.get("detection") or {}
-    sev = record.get("severity") or {}
-    slices = record.get("slices") or {}
-
-    def r(v):
-        return None if v is None else round(float(v), 4)
-
-    row = {
-        "scan_id": scan.scan_id,
-        "path": str(scan.path),
-        "status": "skipped-done",
-        "reason": "already done with the same input and models (use --force to recompute)",
-        "slices_read": slices.get("read"),
-        "slices_kept": slices.get("kept"),
-        "lung_volume_ml": r(record.get("lung_volume_ml")),
-        "covid_probability": r(det.get("covid_probability")),
-        "covid_probability_spread": r(det.get("covid_probability_spread")),
-        "prediction": det.get("prediction"),
-        "severity": sev.get("grade"),
-    }
-    for name, p in (sev.get("probabilities") or {}).items():
-        row[f"p_{name}"] = r(p)
-    return row
+def _outputs_of(pipeline: BatchPipeline, scan_id: str, out_dir: Path) -> list[Path]:
+    return [out_dir / name for name in pipeline.result_type.output_names(scan_id)]
 
 
 def _reason(e: BaseException) -> str:
@@ -141,7 +119,7 @@ def _reason(e: BaseException) -> str:
 def run_batch(
     inputs: Iterable[str | os.PathLike] | Sequence[ScanInput],
     out_dir: str | os.PathLike,
-    pipeline: CTCovidPipeline,
+    pipeline: BatchPipeline,
     force: bool = False,
     workers: int = 1,
     progress: bool = True,
@@ -153,13 +131,13 @@ def run_batch(
     Args:
         inputs: paths (files, scan folders, parent folders) or already discovered :class:`ScanInput`.
         out_dir: output folder (created).
-        pipeline: a loaded :class:`CTCovidPipeline`.
+        pipeline: a loaded pipeline (:class:`BatchPipeline`), e.g. :class:`ctcovid.ct.CTCovidPipeline`.
         force: recompute scans that are already done.
         workers: scans read ahead in background threads (0 reads in the calling thread).
         progress: show tqdm bars (scans, and stages of the current scan) on stderr.
         log: where per-scan failure messages go (default: ``tqdm.write`` to stderr).
         summary_name: file name of the summary in ``out_dir`` (a distributed rank writes its own partial
-            summary, :mod:`ctcovid.pipelines.distributed`).
+            summary, :mod:`ctcovid.running.distributed`).
 
     Returns:
         A :class:`BatchReport` whose rows are also in ``out_dir/summary.csv`` (``out_dir/summary_name``).
@@ -189,7 +167,7 @@ def run_batch(
             p.key = resume_key(p.input_sha256, versions, options)
             if not force:
                 p.record = load_done_record(
-                    out / f"{scan.scan_id}.json", p.key, _outputs_of(scan.scan_id, out)
+                    out / f"{scan.scan_id}.json", p.key, _outputs_of(pipeline, scan.scan_id, out)
                 )
                 if p.record is not None:
                     return p
@@ -202,9 +180,10 @@ def run_batch(
 
     def write_summary() -> None:
         extra: list[str] = []
+        fixed = list(pipeline.result_type.SUMMARY_FIELDS)
         for row in report.rows:
-            extra += [k for k in row if k not in SUMMARY_FIELDS and k not in extra]
-        write_csv_atomic(report.rows, list(SUMMARY_FIELDS) + extra, report.summary_path)
+            extra += [k for k in row if k not in fixed and k not in extra]
+        write_csv_atomic(report.rows, fixed + extra, report.summary_path)
 
     bar = tqdm(total=len(scans), desc="scans", unit="scan", disable=not progress, file=sys.stderr)
     stage_bar = tqdm(
@@ -231,7 +210,15 @@ def run_batch(
             scan = prep.scan
             bar.set_postfix_str(scan.scan_id)
             if prep.record is not None:
-                report.rows.append(_row_from_record(prep.record, scan))
+                report.rows.append(
+                    pipeline.result_type.summary_row_from_record(
+                        prep.record,
+                        scan.scan_id,
+                        str(scan.path),
+                        status="skipped-done",
+                        reason="already done with the same input and models (use --force to recompute)",
+                    )
+                )
             else:
                 row = _process_one(pipeline, prep, out, stage_bar, say)
                 report.rows.append(row)
@@ -246,7 +233,7 @@ def run_batch(
     return report
 
 
-def _process_one(pipeline: CTCovidPipeline, prep: _Prepared, out: Path, stage_bar, say) -> dict[str, Any]:
+def _process_one(pipeline: BatchPipeline, prep: _Prepared, out: Path, stage_bar, say) -> dict[str, Any]:
     scan = prep.scan
     try:
         if prep.error is not None:
@@ -268,19 +255,14 @@ def _process_one(pipeline: CTCovidPipeline, prep: _Prepared, out: Path, stage_ba
         write_json_atomic(result.to_dict(), out / f"{scan.scan_id}.json")  # with the output timing
         return result.summary_row()
     except Exception as e:
-        failed = CTResult(
-            scan_id=scan.scan_id,
-            path=str(scan.path),
-            status="failed",
-            reason=_reason(e),
-            input_sha256=prep.input_sha256,
-            models=pipeline.model_versions(),
+        failed = pipeline.result_type.failed(
+            scan.scan_id, str(scan.path), _reason(e), input_sha256=prep.input_sha256, models=pipeline.model_versions()
         )
         if not isinstance(e, CTInputError):
             say(f"{scan.scan_id}: unexpected error\n{''.join(traceback.format_exception(e))}")
         say(f"failed: {failed.reason}")
         try:
-            for stale in _outputs_of(scan.scan_id, out):  # from an earlier success on other content
+            for stale in _outputs_of(pipeline, scan.scan_id, out):  # from an earlier success on other content
                 stale.unlink(missing_ok=True)
             failed.save(out)
         except OSError as write_error:  # the summary row still records the failure

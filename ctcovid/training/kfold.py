@@ -1,9 +1,9 @@
 """Patient-level k-fold cross-validation of a classifier with MONAI engines (the DETL bundle's evaluate workflow).
 
 For each fold ``i`` of a datalist holding parts ``fold0 .. fold{k-1}`` (made by
-:func:`ctcovid.pipelines.cxr_datasets.patient_kfold`: a patient's images are all in one fold), a fresh network
+:func:`ctcovid.training.splits.patient_kfold`: a patient's images are all in one fold), a fresh network
 is trained by a MONAI ``SupervisedTrainer`` on the other ``k - 1`` folds for a fixed number of epochs, then a
-``SupervisedEvaluator`` predicts the held-out fold and :class:`ctcovid.handlers.ClassificationReportWriter`
+``SupervisedEvaluator`` predicts the held-out fold and :class:`ctcovid.training.handlers.ClassificationReportWriter`
 writes its report. The summary holds each fold's accuracy, their mean and standard deviation (sample,
 ``ddof=1``), the confusion matrices summed over folds, and a classification report of the pooled
 held-out predictions (every image is held out exactly once). MONAI has no cross-validation workflow for
@@ -22,9 +22,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ctcovid.pipelines.cxr_data import class_weights
-from ctcovid.pipelines.cxr_datasets import fold_parts, load_parts
-from ctcovid.pipelines.outputs import write_json_atomic
+from ctcovid.io.atomic import write_json_atomic
+
+from .splits import class_weights, fold_parts, load_parts
 
 __all__ = ["KFoldCrossValidation", "summarize_folds"]
 
@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 def summarize_folds(fold_reports: Sequence[dict], class_names: Sequence[str]) -> dict:
     """Mean / std of fold accuracies, summed confusion matrix and the pooled report of held-out predictions.
 
-    ``fold_reports``: :class:`~ctcovid.handlers.ClassificationReportWriter` reports (with ``scans``).
+    ``fold_reports``: :class:`~ctcovid.training.handlers.ClassificationReportWriter` reports (with ``scans``).
     """
     from ctcovid.metrics.classification import classification_report
 
@@ -77,7 +77,7 @@ class KFoldCrossValidation:
         train_limit / eval_limit: class-balanced subsets per fold (reduced CPU runs); ``None`` = all.
         use_class_weights: inverse-frequency class weights (from the fold's training images) in the loss.
         bn_recompute_batches: after training, re-estimate batch-norm statistics on this many training batches
-            before evaluating (:mod:`ctcovid.handlers.batchnorm`); 0 = keep the running averages.
+            before evaluating (:mod:`ctcovid.training.handlers.batchnorm`); 0 = keep the running averages.
         run_folds: which folds to run (default all); the summary covers the folds run.
         seed: determinism seed (set before each fold).
     """
@@ -133,7 +133,7 @@ class KFoldCrossValidation:
         from monai.transforms import Activationsd
         from monai.utils import set_determinism
 
-        from ctcovid.handlers.report import ClassificationReportWriter
+        from ctcovid.training.handlers.report import ClassificationReportWriter
 
         set_determinism(seed=self.seed + i)
         train_parts, held_out = fold_parts(self.num_folds, i)
@@ -165,7 +165,7 @@ class KFoldCrossValidation:
         t0 = time.time()
         trainer.run()
         if self.bn_recompute_batches:
-            from ctcovid.handlers.batchnorm import recompute_batchnorm_stats
+            from ctcovid.training.handlers.batchnorm import recompute_batchnorm_stats
 
             recompute_batchnorm_stats(network, train_loader, self.bn_recompute_batches, self.device)
         writer = ClassificationReportWriter(

@@ -75,7 +75,7 @@ def classify_folder(folder: Path) -> str:
     return "parent"
 
 
-def _scan_name(path: Path) -> str:
+def scan_name(path: Path) -> str:
     name = path.name
     for s in VOLUME_SUFFIXES + tuple(DICOM_EXTENSIONS):
         if name.lower().endswith(s):
@@ -130,7 +130,7 @@ def _unique_ids(paths: list[Path]) -> list[str]:
 
     def make(i: int) -> str:
         parents = [_safe(a.name) for a in list(paths[i].parents)[: depth[i]]]
-        return "__".join([*reversed(parents), _scan_name(paths[i])])
+        return "__".join([*reversed(parents), scan_name(paths[i])])
 
     ids = [make(i) for i in range(len(paths))]
     while True:

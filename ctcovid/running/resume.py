@@ -16,16 +16,9 @@ import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-_CHUNK = 1 << 20
+from ctcovid.io.hashing import sha256_file
 
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of one file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(_CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
+__all__ = ["hash_input", "input_files", "load_done_record", "resume_key", "sha256_file"]
 
 
 def input_files(path: str | os.PathLike) -> list[Path]:

@@ -16,9 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ctcovid.bundle.loading import load_stage
 from ctcovid.io.errors import CTInputError
-
-from .bundles import load_stage
 
 __all__ = ["LUNG_SEGMENTATION_BUNDLE", "predict_lung_masks", "mask_path"]
 
@@ -43,7 +42,7 @@ def predict_lung_masks(
 
     Args:
         items: dicts with ``image`` (absolute path) and ``name`` (relative path, e.g. from
-            :func:`ctcovid.pipelines.cxr_data.load_datalist`).
+            :func:`ctcovid.cxr.datalists.load_datalist`).
         mask_root: output folder.
         bundle_dir: folder holding ``cxr_lung_segmentation`` (default: the package's bundles).
         device: where the segmenter runs.
@@ -54,7 +53,7 @@ def predict_lung_masks(
     ``written``, ``existing`` and ``failed`` images (unreadable ones are logged and skipped).
 
     Raises:
-        ctcovid.pipelines.bundles.MissingWeightsError: the segmenter has no trained weights.
+        ctcovid.bundle.loading.MissingWeightsError: the segmenter has no trained weights.
     """
     from monai.transforms import Compose
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from ignite.engine import Engine, Events
 
-from ctcovid.pipelines.outputs import write_csv_atomic
+from ctcovid.io.atomic import write_csv_atomic
 
 __all__ = ["MetricsCSVLogger"]
 

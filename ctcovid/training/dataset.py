@@ -8,8 +8,8 @@ exception chain. :class:`ScanDataset` digs it out:
   run stops with ``<file>: <problem>`` as its last line;
 - ``on_error="skip"`` (inference over a folder): return a failure record instead of the item. The
   collate function :func:`collate_skip_failed` keeps the records out of the batch tensors and passes them
-  on under :data:`SKIPPED_KEY`; :func:`ctcovid.handlers.skip_failed_scans_iteration` takes them off the
-  batch before the network runs, and :class:`ctcovid.handlers.ClassificationCSVWriter` writes them to the
+  on under :data:`SKIPPED_KEY`; :func:`ctcovid.training.handlers.skip_failed_scans_iteration` takes them off the
+  batch before the network runs, and :class:`ctcovid.training.handlers.ClassificationCSVWriter` writes them to the
   output CSV with their error.
 
 Other exceptions (programming errors, out of memory) always propagate: only bad input is skipped.
@@ -47,7 +47,7 @@ class ScanDataset(Dataset):
     """``monai.data.Dataset`` over scan dicts with explicit handling of bad input.
 
     Args:
-        data: datalist, e.g. from :func:`ctcovid.data.find_scans` (each item has ``image`` and ``name``).
+        data: datalist, e.g. from :func:`ctcovid.training.find_scans` (each item has ``image`` and ``name``).
         transform: the preprocessing (``LoadCTd`` ... ``BuildDetectionInputd``).
         on_error: ``"raise"`` re-raises the :class:`CTInputError` naming the file; ``"skip"`` returns
             ``{FAILED_KEY: True, "name", "image", "error", "error_type"}`` instead of the item.

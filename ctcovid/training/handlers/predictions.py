@@ -3,7 +3,7 @@
 MONAI's ``ClassificationSaver`` writes ``filename,p0,p1,...`` with no header, keyed by file name, and cannot
 hold a row for a scan that failed to load; the bundles' users need class-named columns and one row per
 scan, skipped ones included with their error. Hence this handler and the iteration function that takes
-the skip records off the batch (see :mod:`ctcovid.data.dataset`).
+the skip records off the batch (see :mod:`ctcovid.training.dataset`).
 """
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
-from ignite.engine import Engine, Events
+from ignite.engine import Engine
 
-from ctcovid.data.dataset import SKIPPED_KEY
-from ctcovid.pipelines.outputs import write_csv_atomic
+from ctcovid.io.atomic import write_csv_atomic
+from ctcovid.training.dataset import SKIPPED_KEY
+from ctcovid.training.handlers.epoch_file import EpochFileWriter
 
 __all__ = ["ClassificationCSVWriter", "skip_failed_scans_iteration"]
 
@@ -57,7 +57,7 @@ def _filename(item: dict, image_key: str) -> str:
     return ""
 
 
-class ClassificationCSVWriter:
+class ClassificationCSVWriter(EpochFileWriter):
     """Writes ``<output_dir>/<filename>``: one row per scan with class probabilities, or why it was skipped.
 
     Columns: ``name, image, status ("ok" | "skipped"), predicted_class, prob_<class> ..., error``.
@@ -70,7 +70,7 @@ class ClassificationCSVWriter:
         class_names: class order of the ``pred`` vector.
         filename: CSV file name.
         pred_key: output key of the ``(C,)`` probability vector.
-        name_key: batch key of the scan name (``ctcovid.data.find_scans`` sets ``name``).
+        name_key: batch key of the scan name (``ctcovid.training.find_scans`` sets ``name``).
         image_key: batch key of the image MetaTensor (its ``filename_or_obj`` goes to the ``image`` column).
     """
 
@@ -83,23 +83,12 @@ class ClassificationCSVWriter:
         name_key: str = "name",
         image_key: str = "image",
     ) -> None:
-        self.output_dir = Path(output_dir)
-        self.class_names = [str(c) for c in class_names]
-        self.filename = filename
+        super().__init__(output_dir, class_names, filename)
         self.pred_key = pred_key
         self.name_key = name_key
         self.image_key = image_key
         self.rows: list[dict] = []
         self._skipped_seen = 0
-
-    @property
-    def path(self) -> Path:
-        return self.output_dir / self.filename
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_STARTED, self._started)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
 
     def _started(self, engine: Engine) -> None:
         self.rows = []

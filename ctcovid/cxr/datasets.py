@@ -3,7 +3,7 @@
 All three bundles draw on ``<data>/cxr`` (``kermany/`` and ``ieee8023/``); datalist paths are relative to
 that folder (``kermany/train/NORMAL/...``, ``ieee8023/images/...``) so one ``data_root`` serves both sources.
 Patients are keyed ``kermany:<patient_hint>`` / ``ieee8023:<patientid>``; every split and fold is made with
-:func:`ctcovid.pipelines.cxr_data.group_split`, which never puts one patient in two parts.
+:func:`ctcovid.training.splits.group_split`, which never puts one patient in two parts.
 
 Label mappings (from ``kermany/labels.csv`` column ``label3`` and ``ieee8023/labels.csv`` columns
 ``finding`` / ``coarse_class``; ieee8023 rows with finding ``todo`` (unlabelled) are never used):
@@ -27,16 +27,15 @@ source; the numbers are a demonstration that training works, not a clinical resu
 from __future__ import annotations
 
 import csv
-import json
 import os
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from ctcovid.io.atomic import write_json_atomic
 from ctcovid.networks.detl import DETL_TARGET_CLASSES
 from ctcovid.networks.vbreathnet import VBREATHNET_CLASSES
-from ctcovid.pipelines.cxr_data import balanced_subset, default_data_root, group_split
-from ctcovid.pipelines.outputs import write_json_atomic
+from ctcovid.training.splits import fold_parts, group_split, load_parts, patient_kfold
 
 __all__ = [
     "RESNET18_CLASSES",
@@ -178,56 +177,6 @@ def count_classes(items: Sequence[dict], class_names: Sequence[str]) -> dict:
         "images": {c: counts.get(i, 0) for i, c in enumerate(class_names)},
         "patients": len({it["patient"] for it in items}),
     }
-
-
-def patient_kfold(items: Sequence[dict], k: int = 5, seed: int = 0) -> list[list[dict]]:
-    """Split ``items`` into ``k`` folds of about equal image count, stratified by the patient's label set,
-    with every patient's images in exactly one fold."""
-    if k < 2:
-        raise ValueError(f"k-fold cross-validation needs k >= 2, got {k}")
-    parts = group_split(items, {f"fold{i}": 1.0 for i in range(k)}, group_key="patient", seed=seed)
-    return [parts[f"fold{i}"] for i in range(k)]
-
-
-def load_parts(
-    datalist_file: str | os.PathLike,
-    parts: str | Sequence[str],
-    data_root: str | os.PathLike | None = None,
-    limit: int | None = None,
-    seed: int = 0,
-) -> list[dict]:
-    """Items of one or more parts of a datalist, paths made absolute under ``data_root``.
-
-    Args:
-        datalist_file: a bundle's ``configs/datalist.json``.
-        parts: part name(s), e.g. ``"test"`` or ``["fold1", "fold2"]``.
-        data_root: the shared ``cxr`` folder (default ``$CTCOVID_DATA/cxr`` or ``../shared/data/cxr``).
-        limit: keep at most this many items, class-balanced round-robin (reduced CPU runs).
-        seed: seed of the reduced selection.
-    """
-    with open(datalist_file, encoding="utf-8") as f:
-        dl = json.load(f)
-    names = [parts] if isinstance(parts, str) else list(parts)
-    items: list[dict] = []
-    for p in names:
-        if not isinstance(dl.get(p), list):
-            known = [k for k, v in dl.items() if isinstance(v, list)]
-            raise KeyError(f"{datalist_file}: no part {p!r} (parts: {known})")
-        items.extend(dict(it) for it in dl[p])
-    if limit is not None and limit < len(items):
-        items = balanced_subset(items, int(limit), seed)
-    root = Path(data_root or default_data_root("cxr"))
-    for it in items:
-        it["image"] = str(root / it["image"])
-        it["name"] = Path(it["image"]).name
-    return items
-
-
-def fold_parts(k: int, held_out: int) -> tuple[list[str], str]:
-    """``(training part names, held-out part name)`` of fold ``held_out`` in a ``k``-fold datalist."""
-    if not 0 <= held_out < k:
-        raise ValueError(f"held_out must be in [0, {k - 1}], got {held_out}")
-    return [f"fold{i}" for i in range(k) if i != held_out], f"fold{held_out}"
 
 
 def _datalist(description: str, class_names: Sequence[str], parts: dict[str, list[dict]], **extra) -> dict:

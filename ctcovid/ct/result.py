@@ -1,0 +1,258 @@
+"""What the CT pipeline found for one scan (:class:`CTResult`) and how it is written: JSON record, lung
+mask NIfTI, montage PNG and the scan's ``summary.csv`` row."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+__all__ = ["CTResult"]
+
+
+def _round4(v: float | None) -> float | None:
+    return None if v is None else round(float(v), 4)
+
+
+@dataclass
+class CTResult:
+    """Everything the pipeline found for one scan.
+
+    Scalars and lists go into :meth:`to_dict` (the ``<scan>.json`` record). The arrays (``lung_mask``,
+    ``image``, ``heatmap``, ``affine``) are for writing the mask and montage (:meth:`save`) and for
+    notebooks; they are not in the record.
+
+    Attributes (shapes refer to the input scan ``(X, Y, Z)``, Z = slices):
+        status: ``"ok"`` or ``"failed"`` (``reason`` then says why).
+        kept_slices: indices (along Z) of the slices judged to contain lung, ascending.
+        slice_selection: ``"slice_filter"`` (ResNeXt) or ``"lung_mask_area"`` (fallback without its weights).
+        lung_volume_ml: lung mask voxel count x voxel volume / 1000 (``None`` when spacing is unknown,
+            e.g. slice-image folders, where ``lung_voxels`` still counts the mask).
+        covid_probability / covid_probability_spread: mean and population standard deviation over the
+            detection members of P(COVID-19); ``None`` when detection was skipped.
+        severity_probabilities / severity_spread: per class, same convention; ``None`` when not graded.
+        stages: per stage ``"ok"``, ``"skipped: <why>"`` or ``"not run: <why>"``.
+        models: per stage ``{bundle, version, weights_sha256, status}``.
+        timings_s: seconds per stage.
+    """
+
+    scan_id: str
+    path: str
+    status: str = "ok"
+    reason: str | None = None
+    source_format: str | None = None
+    series_uid: str | None = None
+    input_sha256: str | None = None
+    shape: list[int] | None = None
+    spacing_mm: list[float] | None = None
+    spacing_known: bool | None = None
+    intensity_domain: str | None = None
+    slices_read: int | None = None
+    kept_slices: list[int] = field(default_factory=list)
+    slice_selection: str | None = None
+    lung_voxels: int | None = None
+    lung_volume_ml: float | None = None
+    covid_probability: float | None = None
+    covid_probability_spread: float | None = None
+    covid_member_probabilities: list[float] | None = None
+    covid_threshold: float | None = None
+    prediction: str | None = None
+    severity_probabilities: dict[str, float] | None = None
+    severity_spread: dict[str, float] | None = None
+    severity: str | None = None
+    gradcam_layer: str | None = None
+    stages: dict[str, str] = field(default_factory=dict)
+    models: dict[str, dict] = field(default_factory=dict)
+    timings_s: dict[str, float] = field(default_factory=dict)
+    resume_key: str | None = None
+    outputs: dict[str, str] = field(default_factory=dict)
+    lung_mask: np.ndarray | None = field(default=None, repr=False)  # (X, Y, Z) uint8
+    image: np.ndarray | None = field(default=None, repr=False)  # (X, Y, Z) float32 in [0, 1]
+    heatmap: np.ndarray | None = field(default=None, repr=False)  # (X, Y) float32 in [0, 1]
+    affine: np.ndarray | None = field(default=None, repr=False)  # (4, 4) index -> RAS mm
+
+    @property
+    def slices_kept(self) -> int:
+        return len(self.kept_slices)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready record (what ``<scan>.json`` holds)."""
+        from ctcovid import __version__
+
+        detection = None
+        if self.covid_probability is not None:
+            detection = {
+                "covid_probability": self.covid_probability,
+                "covid_probability_spread": self.covid_probability_spread,
+                "member_probabilities": self.covid_member_probabilities,
+                "threshold": self.covid_threshold,
+                "prediction": self.prediction,
+                "gradcam_layer": self.gradcam_layer,
+            }
+        severity = None
+        if self.severity_probabilities is not None:
+            severity = {
+                "grade": self.severity,
+                "probabilities": self.severity_probabilities,
+                "spread": self.severity_spread,
+            }
+        return {
+            "scan": {
+                "id": self.scan_id,
+                "path": self.path,
+                "format": self.source_format,
+                "series_uid": self.series_uid or None,
+                "input_sha256": self.input_sha256,
+                "shape": self.shape,
+                "spacing_mm": self.spacing_mm,
+                "spacing_known": self.spacing_known,
+                "intensity_domain": self.intensity_domain,
+            },
+            "status": self.status,
+            "reason": self.reason,
+            "slices": {
+                "read": self.slices_read,
+                "kept": self.slices_kept,
+                "kept_indices": list(self.kept_slices),
+                "selection": self.slice_selection,
+            },
+            "lung_voxels": self.lung_voxels,
+            "lung_volume_ml": self.lung_volume_ml,
+            "detection": detection,
+            "severity": severity,
+            "stages": dict(self.stages),
+            "models": dict(self.models),
+            "timings_s": {k: round(v, 4) for k, v in self.timings_s.items()},
+            "outputs": dict(self.outputs),
+            "resume_key": self.resume_key,
+            "ctcovid_version": __version__,
+        }
+
+    def save(self, out_dir: str | os.PathLike, montage: bool = True) -> dict[str, Path]:
+        """Write ``<id>_lung_mask.nii.gz``, ``<id>_montage.png`` and then ``<id>.json`` into ``out_dir``.
+
+        Each file is written atomically; the JSON goes last, so its presence means the others are complete
+        (the resume check relies on that). A failed result writes only its JSON record.
+        """
+        from ctcovid.io.atomic import write_json_atomic, write_nifti_atomic
+
+        from .montage import pick_montage_slices, save_montage_png
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        written: dict[str, Path] = {}
+        if self.status == "ok" and self.lung_mask is not None and self.affine is not None:
+            written["lung_mask"] = write_nifti_atomic(
+                self.lung_mask.astype(np.uint8), self.affine, out / f"{self.scan_id}_lung_mask.nii.gz"
+            )
+        if self.status == "ok" and montage and self.image is not None and self.lung_mask is not None:
+            t = time.perf_counter()
+            title, note = self._montage_heading()
+            written["montage"] = save_montage_png(
+                out / f"{self.scan_id}_montage.png",
+                self.image,
+                self.lung_mask,
+                pick_montage_slices(self.kept_slices),
+                affine=self.affine,
+                heatmap=self.heatmap,
+                title=title,
+                note=note,
+            )
+            self.timings_s["montage"] = time.perf_counter() - t  # the costliest output (~1 s of matplotlib)
+        self.outputs = {k: p.name for k, p in written.items()}
+        self.outputs["record"] = f"{self.scan_id}.json"
+        written["record"] = write_json_atomic(self.to_dict(), out / f"{self.scan_id}.json")
+        return written
+
+    def _montage_heading(self) -> tuple[str, str]:
+        parts = [self.scan_id, f"{self.slices_kept}/{self.slices_read} slices kept ({self.slice_selection})"]
+        if self.lung_volume_ml is not None:
+            parts.append(f"lung {self.lung_volume_ml:.0f} ml")
+        if self.covid_probability is not None:
+            parts.append(
+                f"P(COVID-19) {self.covid_probability:.3f} ± {self.covid_probability_spread:.3f} -> {self.prediction}"
+            )
+        if self.severity is not None:
+            parts.append(f"severity {self.severity}")
+        notes = ["green: lung contour"]
+        if self.heatmap is not None:
+            notes.append("colour: Grad-CAM of the detection ensemble (mean over members, one map per scan)")
+        elif self.stages.get("detection", "").startswith("skipped"):
+            bundle = self.models.get("detection", {}).get("bundle", "detection bundle")
+            notes.append(
+                f"detection skipped ({bundle} has no trained weights): lung contour only, no Grad-CAM"
+            )
+        else:
+            notes.append(f"no Grad-CAM ({self.stages.get('gradcam', 'not run')})")
+        return " | ".join(parts), "; ".join(notes)
+
+    #: Fixed columns of ``summary.csv``; ``p_<class>`` severity columns follow, in class order.
+    SUMMARY_FIELDS: ClassVar[tuple[str, ...]] = (
+        "scan_id",
+        "path",
+        "status",
+        "reason",
+        "slices_read",
+        "slices_kept",
+        "lung_volume_ml",
+        "covid_probability",
+        "covid_probability_spread",
+        "prediction",
+        "severity",
+    )
+
+    @staticmethod
+    def output_names(scan_id: str) -> list[str]:
+        """Files besides the JSON record that a finished scan has (resume checks they still exist)."""
+        return [f"{scan_id}_lung_mask.nii.gz", f"{scan_id}_montage.png"]
+
+    @classmethod
+    def failed(cls, scan_id: str, path: str, reason: str, **fields: Any) -> CTResult:
+        """The record of a scan that could not be processed (``reason`` says why)."""
+        return cls(scan_id=scan_id, path=path, status="failed", reason=reason, **fields)
+
+    def summary_row(self) -> dict[str, Any]:
+        """One ``summary.csv`` row (key numbers; probabilities rounded to 4 decimals)."""
+        row: dict[str, Any] = {
+            "scan_id": self.scan_id,
+            "path": self.path,
+            "status": self.status,
+            "reason": self.reason,
+            "slices_read": self.slices_read,
+            "slices_kept": self.slices_kept if self.status == "ok" else None,
+            "lung_volume_ml": _round4(self.lung_volume_ml),
+            "covid_probability": _round4(self.covid_probability),
+            "covid_probability_spread": _round4(self.covid_probability_spread),
+            "prediction": self.prediction,
+            "severity": self.severity,
+        }
+        for name, p in (self.severity_probabilities or {}).items():
+            row[f"p_{name}"] = _round4(p)
+        return row
+
+    @staticmethod
+    def summary_row_from_record(record: dict, scan_id: str, path: str, status: str, reason: str) -> dict[str, Any]:
+        """The ``summary.csv`` row of a finished scan, rebuilt from its ``<id>.json`` record (resume)."""
+        det = record.get("detection") or {}
+        sev = record.get("severity") or {}
+        slices = record.get("slices") or {}
+        row = {
+            "scan_id": scan_id,
+            "path": path,
+            "status": status,
+            "reason": reason,
+            "slices_read": slices.get("read"),
+            "slices_kept": slices.get("kept"),
+            "lung_volume_ml": _round4(record.get("lung_volume_ml")),
+            "covid_probability": _round4(det.get("covid_probability")),
+            "covid_probability_spread": _round4(det.get("covid_probability_spread")),
+            "prediction": det.get("prediction"),
+            "severity": sev.get("grade"),
+        }
+        for name, p in (sev.get("probabilities") or {}).items():
+            row[f"p_{name}"] = _round4(p)
+        return row

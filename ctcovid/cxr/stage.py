@@ -1,0 +1,148 @@
+"""One classifier of the X-ray cascade loaded from its bundle (:class:`CXRStage`), and the refusal when the
+cascade's bundles have no weights (:class:`CascadeWeightsError`)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ctcovid.bundle.errors import MissingWeightsError
+from ctcovid.bundle.loading import load_stage
+from ctcovid.running.device import resolve_device
+
+__all__ = ["CXRStage", "CascadeWeightsError"]
+
+
+class CascadeWeightsError(MissingWeightsError):
+    """One or both cascade bundles have no trained weights (this project ships none for them)."""
+
+    def __init__(self, missing: Sequence[tuple[str, str, Path]]):
+        self.missing = list(missing)
+        stage, bundle, bdir = self.missing[0]
+        super().__init__(self._message(), bundle=bundle, stage=stage, bundle_dir=bdir)
+
+    def _message(self) -> str:
+        lines = ["the X-ray cascade cannot run: no trained weights for"]
+        for stage, bundle, bdir in self.missing:
+            lines.append(f"  - {stage} ({bundle}): {Path(bdir) / 'models' / 'model.pt'} is missing")
+        lines.append(
+            "No X-ray weights ship with ctcovid (SEME-ResNet50 ~95 MB, SE-DenseNet169 ~50 MB). Train each bundle "
+            "with `python -m monai.bundle run --config_file <bundle>/configs/train.json`, then calibrate the "
+            "viral threshold with `ctcovid cxr calibrate` (see the bundles' docs/README.md)."
+        )
+        return "\n".join(lines)
+
+
+def _trained_size(bundle_dir: Path) -> list[int] | None:
+    """``spatial_size`` recorded in ``models/train_info.json`` by the bundle's training, if any."""
+    info = Path(bundle_dir) / "models" / "train_info.json"
+    try:
+        size = json.loads(info.read_text(encoding="utf-8")).get("spatial_size")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return [int(v) for v in size] if isinstance(size, list) and len(size) == 2 else None
+
+
+class CXRStage:
+    """One classifier of the cascade: network, preprocessing and class names.
+
+    Args:
+        network: ``(1, C, H, W)`` -> logits ``(1, K)``; put in eval mode.
+        class_names: the ``K`` class names.
+        transform: maps ``{"image": (1, H, W) MetaTensor in [0, 1]}`` to ``{"image": (C, h, w)}`` (a bundle's
+            preprocessing without its loader). Default: resize to ``spatial_size`` (bilinear, anti-aliased) and
+            repeat the grey channel to the network's ``in_channels`` -- the bundles' own preprocessing.
+        spatial_size: network input size for the default transform.
+        device: where the network runs.
+        gradcam_layer: module name for Grad-CAM (default: ``network.gradcam_layer``).
+        name: stage name for messages; ``provenance``: JSON facts stored with results (bundle, weights hash).
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        class_names: Sequence[str],
+        transform: Callable[[dict], dict] | None = None,
+        spatial_size: Sequence[int] = (512, 512),
+        device: str | torch.device = "cpu",
+        gradcam_layer: str | None = None,
+        name: str = "",
+        provenance: dict | None = None,
+    ) -> None:
+        self.device = resolve_device(device)
+        self.network = network.to(self.device).eval()
+        self.class_names = [str(c) for c in class_names]
+        self.spatial_size = [int(s) for s in spatial_size]
+        self.transform = transform if transform is not None else self._default_transform()
+        self.gradcam_layer = gradcam_layer or getattr(network, "gradcam_layer", None)
+        self.name = name
+        self.provenance = dict(provenance or {})
+
+    def _default_transform(self) -> Callable[[dict], dict]:
+        from monai.transforms import Compose, EnsureTyped, RepeatChanneld, Resized
+
+        repeats = int(getattr(self.network, "in_channels", 3))
+        steps = [Resized("image", self.spatial_size, mode="bilinear", anti_aliasing=True)]
+        if repeats > 1:
+            steps.append(RepeatChanneld("image", repeats=repeats))
+        steps.append(EnsureTyped("image", dtype=torch.float32))
+        return Compose(steps)
+
+    @classmethod
+    def from_bundle(
+        cls,
+        stage: str,
+        bundle: str,
+        bundle_dir: str | os.PathLike | None = None,
+        device: str | torch.device = "cpu",
+        spatial_size: Sequence[int] | None = None,
+    ) -> CXRStage:
+        """Build from a bundle's ``inference.json`` (network, preprocessing minus the loader, class names)
+        and ``models/model.pt``. Input size: ``spatial_size`` if given, else the size the weights were trained
+        at (``models/train_info.json``, written by ``train.json``), else the config's ``spatial_size``.
+
+        Raises ``ctcovid.bundle.loading.MissingWeightsError`` when the weights are absent.
+        """
+        from monai.transforms import Compose
+
+        from ctcovid.io import LoadXRayd
+
+        dev = resolve_device(device)
+        sm = load_stage(stage, bundle, bundle_dir, device=dev)
+        cfg = sm.config
+        size = spatial_size or _trained_size(sm.bundle_dir)
+        if size is not None:
+            cfg["spatial_size"] = [int(s) for s in size]
+        else:
+            size = cfg.get_parsed_content("spatial_size") if "spatial_size" in cfg else (sm.input_shape() or [512, 512])
+        pre = cfg.get_parsed_content("preprocessing")
+        steps = [t for t in pre.transforms if not isinstance(t, LoadXRayd)]
+        return cls(
+            sm.network,
+            sm.channel_names(),
+            transform=Compose(steps),
+            spatial_size=size,
+            device=dev,
+            name=stage,
+            provenance={**sm.provenance(), "spatial_size": [int(s) for s in size]},
+        )
+
+    def preprocess(self, image: torch.Tensor) -> torch.Tensor:
+        """``(1, H, W)`` grey image in [0, 1] -> ``(1, C, h, w)`` float32 network input on the device."""
+        out = self.transform({"image": image})["image"]
+        x = out.as_tensor() if hasattr(out, "as_tensor") else torch.as_tensor(out)
+        return x[None].float().to(self.device)
+
+    @torch.no_grad()
+    def probabilities(self, x: torch.Tensor) -> np.ndarray:
+        """Softmax probabilities ``(K,)`` for a ``(1, C, h, w)`` input."""
+        logits = self.network(x)
+        if logits.ndim != 2 or logits.shape != (1, len(self.class_names)):
+            raise RuntimeError(f"{self.name}: network output {tuple(logits.shape)}, expected (1, {len(self.class_names)})")
+        return torch.softmax(logits.float(), dim=1)[0].cpu().numpy().astype(np.float64)
