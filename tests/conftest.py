@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+#: fixtures shared by several test modules, kept out of this file (one job each)
+pytest_plugins = ["ct_fixtures"]
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a stray pretrained load must fail fast, never download
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -80,3 +83,19 @@ def _ieee_subnormals_after_each_test():
 
     if "torch" in sys.modules:
         sys.modules["torch"].set_flush_denormal(False)
+
+
+@pytest.fixture
+def no_weight_download(monkeypatch):
+    """Any attempt to fetch pretrained weights fails the test (``HF_HUB_OFFLINE`` also blocks the hub).
+    Use with ``pytestmark = pytest.mark.usefixtures("no_weight_download")``."""
+    import timm
+    import torch
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a network tried to load pretrained weights")
+
+    monkeypatch.setattr(timm.models._builder, "load_pretrained", refuse)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from ctcovid.ct.stages import SliceSelectionStage, Stage
 from ctcovid.io.errors import CTInputError
@@ -73,6 +74,16 @@ def test_stage_lookup_and_shared_settings(seg_pipeline):
     with pytest.raises(KeyError, match="no stage 'infection'"):
         seg_pipeline.stage("infection")
     assert seg_pipeline.runner.batch_size == seg_pipeline.batch_size == 4  # CPU fp32 default
+
+
+def test_take_slices_views_consecutive_runs():
+    from ctcovid.ct.context import take_slices
+
+    vol = torch.arange(2 * 3 * 4 * 6, dtype=torch.float32).reshape(2, 3, 4, 6)
+    run = take_slices(vol, [1, 2, 3])
+    assert torch.equal(run, vol[..., 1:4]) and run.data_ptr() == vol[..., 1:4].data_ptr()  # no copy
+    gathered = take_slices(vol, [0, 2, 5])
+    assert torch.equal(gathered, vol[..., [0, 2, 5]])
 
 
 # ------------------------------------------------------------------ batch runner over another pipeline

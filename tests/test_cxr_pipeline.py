@@ -151,6 +151,32 @@ def test_batch_run_outputs_and_failed_rows(tmp_path, stub_cascade):
         stub_cascade(0.5).predict(corrupt)
 
 
+def test_batch_rerun_resumes_and_force_recomputes(tmp_path, stub_cascade):
+    """The cascade runs on the shared batch runner: a re-run reuses finished images (their rows rebuilt from
+    the JSON records), retries failed ones, and recomputes an image whose content or threshold changed."""
+    a, b = _grey_png(tmp_path / "a.png", 200), _grey_png(tmp_path / "b.png", 30)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    out = tmp_path / "out"
+    first = run_cascade(stub_cascade(0.5), [a, b, broken], out)
+    assert [r["status"] for r in first.rows] == ["ok", "ok", "failed"]
+    mtime = (out / "a.json").stat().st_mtime_ns
+
+    again = run_cascade(stub_cascade(0.5), [a, b, broken], out)
+    assert [r["status"] for r in again.rows] == ["skipped-done", "skipped-done", "failed"]
+    assert [r["label"] for r in again.rows[:2]] == [r["label"] for r in first.rows[:2]]
+    assert [r["p_viral"] for r in again.rows[:2]] == [r["p_viral"] for r in first.rows[:2]]
+    assert (out / "a.json").stat().st_mtime_ns == mtime and (out / "a_gradcam.png").is_file()
+
+    _grey_png(tmp_path / "b.png", 180)  # new content: recomputed, now above the threshold
+    changed = run_cascade(stub_cascade(0.5), [a, b], out)
+    assert [r["status"] for r in changed.rows] == ["skipped-done", "ok"] and changed.rows[1]["label"] == "COVID-19"
+    other_threshold = run_cascade(stub_cascade(0.9), [a], out)  # options are part of the resume key
+    assert other_threshold.rows[0]["status"] == "ok" and other_threshold.rows[0]["label"] == "normal"
+    forced = run_cascade(stub_cascade(0.9), [a], out, force=True)
+    assert forced.rows[0]["status"] == "ok"
+
+
 def test_real_radiographs_route_through_stub_stage1(tmp_path, stub_cascade):
     """Real files (8-bit Kermany JPEG, ieee8023 JPEG, a MONOCHROME1 DICOM) go through reading and routing."""
     kermany = data_path("cxr", "kermany", "train", "NORMAL", "IM-0115-0001.jpeg")

@@ -6,8 +6,6 @@ the detection member at the paper's 64x224x224. Batch 1-2 keeps CPU time low.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import timm.models._builder
 import torch
@@ -28,17 +26,7 @@ from ctcovid.networks import (
     list_networks,
 )
 
-
-@pytest.fixture(autouse=True)
-def _no_weight_download(monkeypatch):
-    """Any attempt to fetch pretrained weights fails the test (HF_HUB_OFFLINE also blocks the hub)."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a network tried to load pretrained weights")
-
-    monkeypatch.setattr(timm.models._builder, "load_pretrained", refuse)
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
-    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+pytestmark = pytest.mark.usefixtures("no_weight_download")
 
 
 def state_dict_bytes(net: nn.Module) -> int:

@@ -1,18 +1,12 @@
 """End-to-end CT pipeline (issue 4) on real scans: outputs' content, failures, resume.
 
-What is real and what is not:
-- scans are real (COVID-CT-MD DICOM normal002, a MedSeg NIfTI, a JPG-slice folder written here from real
-  MedSeg slices, the TotalSegmentator and lungmask CT fixtures);
-- the lung segmenter is the shipped, trained one (``bundles/ct_lung_segmentation/models/model.pt``);
-- the detection and severity ensembles have no trained weights, so tiny versions (fewer members, shallow
-  stacks, small slices; same architecture) are saved here with random features and a head whose bias sets
-  each member's output. That makes the expected probabilities known: these tests check the plumbing (class
-  index, averaging, spread, severity gating, output files), not accuracy.
+Scans are real (COVID-CT-MD DICOM normal002, a MedSeg NIfTI, a JPG-slice folder written here from real
+MedSeg slices, the TotalSegmentator and lungmask CT fixtures); the models are those of
+:mod:`ct_fixtures` (the shipped lung segmenter, tiny ensembles with known outputs).
 """
 
 from __future__ import annotations
 
-import copy
 import csv
 import hashlib
 import json
@@ -25,102 +19,17 @@ import numpy as np
 import pytest
 import torch
 from conftest import data_path
-
-from ctcovid.bundle import bundles_root
-
-SEG_BUNDLE = "ct_lung_segmentation"
-DET_BUNDLE = "ct_covid_classification"
-SEV_BUNDLE = "ct_covid_severity_classification"
-FILTER_BUNDLE = "ct_lung_slice_filter"
-
-#: Biases of the detection members' heads: member i outputs softmax([0, b_i]) up to tiny random weights.
-DET_BIASES = (1.0, 2.0)
-#: Severity head bias: "moderate" wins.
-SEV_BIAS = (0.0, 3.0, 0.0, 0.0)
-
-
-def _sigmoid(x: float) -> float:
-    return 1.0 / (1.0 + np.exp(-x))
-
-
-def _copy_configs(name: str, dst_root: Path, overrides: dict | None = None) -> Path:
-    src = bundles_root() / name
-    dst = dst_root / name
-    shutil.copytree(src / "configs", dst / "configs")
-    (dst / "models").mkdir(parents=True)
-    if overrides:
-        cfg_file = dst / "configs" / "inference.json"
-        cfg = json.loads(cfg_file.read_text())
-        cfg.update(overrides)
-        cfg_file.write_text(json.dumps(cfg, indent=2))
-    return dst
-
-
-def _set_head(classifier: torch.nn.Module, bias, scale: float = 0.0) -> None:
-    """Scale the head's weights (0: the features do not matter) and set its bias: the output is then known.
-
-    Grad-CAM needs a gradient through the head, so the detection members keep tiny weights (1e-4: their
-    DenseNet features are small enough that the bias still decides to within 0.01).
-    """
-    head = classifier.get_classifier()
-    with torch.no_grad():
-        head.weight.mul_(scale)
-        head.bias.copy_(torch.as_tensor(bias, dtype=head.bias.dtype))
-
-
-def _build_and_save(bundle_dir: Path, set_heads) -> None:
-    from ctcovid.bundle.loading import read_bundle_config
-
-    torch.manual_seed(0)
-    net = read_bundle_config(bundle_dir).get_parsed_content("network_def")
-    set_heads(net)
-    torch.save(net.state_dict(), bundle_dir / "models" / "model.pt")
-
-
-@pytest.fixture(scope="session")
-def test_bundles(tmp_path_factory) -> Path:
-    """Bundle folder: shipped segmenter + tiny detection/severity ensembles with set heads; no slice filter."""
-    seg_weights = bundles_root() / SEG_BUNDLE / "models" / "model.pt"
-    if not seg_weights.is_file():
-        pytest.skip(f"the lung segmenter has no shipped weights yet ({seg_weights})")
-    root = tmp_path_factory.mktemp("bundles")
-    shutil.copytree(bundles_root() / SEG_BUNDLE, root / SEG_BUNDLE)
-    _copy_configs(FILTER_BUNDLE, root)  # configs only: the mask-area rule decides
-    det = _copy_configs(DET_BUNDLE, root, {"num_members": 2, "depth": 8, "spatial_size": [64, 64]})
-
-    def det_heads(net):
-        for member, b in zip(net.members, DET_BIASES):
-            _set_head(member.backbone, [0.0, b], scale=1e-4)
-
-    _build_and_save(det, det_heads)
-    sev = _copy_configs(
-        SEV_BUNDLE,
-        root,
-        {"backbones": ["inception_v3"], "repeats": 1, "depths": [4, 4], "spatial_size": [80, 80]},
-    )
-
-    def sev_heads(net):
-        for member in net.members:
-            _set_head(member.backbone, SEV_BIAS)
-
-    _build_and_save(sev, sev_heads)
-    return root
-
-
-@pytest.fixture(scope="session")
-def pipeline(test_bundles):
-    from ctcovid.ct import CTCovidPipeline
-
-    return CTCovidPipeline(bundle_dir=test_bundles, device="cpu", batch_size=8, severity="always")
-
-
-@pytest.fixture(scope="session")
-def fast_pipeline(pipeline):
-    """The same loaded networks without Grad-CAM and severity: for tests about batches, not about outputs."""
-    fast = copy.copy(pipeline)
-    fast.use_gradcam = False
-    fast.severity_mode = "never"
-    return fast
+from ct_fixtures import (
+    DET_BIASES,
+    DET_BUNDLE,
+    FILTER_BUNDLE,
+    SEG_BUNDLE,
+    SEV_BUNDLE,
+    build_and_save,
+    copy_configs,
+    set_head,
+    sigmoid,
+)
 
 
 @pytest.fixture(scope="session")
@@ -164,7 +73,7 @@ def test_batch_outputs_on_real_scans(real_run, test_bundles):
     ids = ["normal002", "rp2", "ct_scan_rp4"]
     assert [r["scan_id"] for r in report.rows] == ids
 
-    det_p = [_sigmoid(b) for b in DET_BIASES]
+    det_p = [sigmoid(b) for b in DET_BIASES]
     for scan_id, path in zip(ids, inputs):
         rec = json.loads((out / f"{scan_id}.json").read_text())
         assert rec["status"] == "ok" and rec["reason"] is None
@@ -314,7 +223,7 @@ def test_severity_gate_and_missing_detection(test_bundles, tmp_path, shared_data
     variant.mkdir()
     for name in (SEG_BUNDLE, FILTER_BUNDLE, SEV_BUNDLE):
         os.symlink(test_bundles / name, variant / name)
-    _copy_configs(DET_BUNDLE, variant)  # configs, no weights
+    copy_configs(DET_BUNDLE, variant)  # configs, no weights
     with pytest.raises(MissingWeightsError, match=f"bundle {DET_BUNDLE}.*train"):
         CTCovidPipeline(bundle_dir=variant, device="cpu")
     pipe = CTCovidPipeline(bundle_dir=variant, device="cpu", skip_missing=True)  # severity="covid"
@@ -339,9 +248,9 @@ def test_slice_filter_decides_when_it_has_weights(test_bundles, tmp_path, totals
     variant.mkdir()
     os.symlink(test_bundles / SEG_BUNDLE, variant / SEG_BUNDLE)
     for name in (DET_BUNDLE, SEV_BUNDLE):
-        _copy_configs(name, variant)
-    flt = _copy_configs(FILTER_BUNDLE, variant, {"spatial_size": [64, 64]})
-    _build_and_save(flt, lambda net: _set_head(net.backbone, [0.0, 5.0]))  # every slice: lung
+        copy_configs(name, variant)
+    flt = copy_configs(FILTER_BUNDLE, variant, {"spatial_size": [64, 64]})
+    build_and_save(flt, lambda net: set_head(net.backbone, [0.0, 5.0]))  # every slice: lung
 
     pipe = CTCovidPipeline(bundle_dir=variant, device="cpu", skip_missing=True)
     scan = totalseg_dir / "example_ct_sm.nii.gz"  # 30 slices, lung in the upper 11 only
@@ -351,7 +260,7 @@ def test_slice_filter_decides_when_it_has_weights(test_bundles, tmp_path, totals
     by_area = LungSlicesFromMask(min_area=pipe.min_lung_area)(torch.from_numpy(result.lung_mask)[None])
     assert int(by_area.sum()) >= 1  # the mask-area rule finds lung slices ...
 
-    _set_head(pipe.slice_filter.network.backbone, [5.0, 0.0])  # every slice: not lung
+    set_head(pipe.slice_filter.network.backbone, [5.0, 0.0])  # every slice: not lung
     with pytest.raises(NoLungSlicesError, match="example_ct_sm"):  # ... but the filter decides: none
         pipe(scan)
 
@@ -455,199 +364,3 @@ def test_discover_scans_layouts(tmp_path, shared_data):
     assert scans[0].path == (root / "covid" / "ct_scan_0").absolute()
     with pytest.raises(InputNotFoundError, match="nope"):
         discover_scans([tmp_path / "nope"])
-
-
-# ---------------------------------------------------------------------------------- performance options
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a > 0, b > 0
-    return float(2 * (a & b).sum() / max(1, a.sum() + b.sum()))
-
-
-def test_bf16_autocast_moves_outputs_little(pipeline, test_bundles, shared_data):
-    """bf16 autocast (issue 9) on the shipped segmenter: same lung mask to within a few edge pixels, the
-    ensembles' probabilities to within 0.01, the same Grad-CAM, and the precision is part of the resume key."""
-    from ctcovid.ct import CTCovidPipeline
-
-    scan = data_path("fixtures", "lungmask_testdata")
-    bf16 = CTCovidPipeline(bundle_dir=test_bundles, device="cpu", severity="always", precision="bf16")
-    assert bf16.options()["precision"] == "bf16" and pipeline.options()["precision"] == "fp32"
-    assert bf16.batch_size == 8  # the batch measured fastest per slice in bf16 on CPU
-    ref, res = pipeline(scan), bf16(scan)
-    assert res.lung_mask.sum() > 10_000  # the lungs of both slices, not an empty mask
-    assert _dice(ref.lung_mask, res.lung_mask) >= 0.98
-    assert abs(ref.covid_probability - res.covid_probability) < 0.01
-    for name, p in ref.severity_probabilities.items():
-        assert abs(p - res.severity_probabilities[name]) < 0.01
-    # Grad-CAM stays fp32 under bf16 (an explanation must not depend on a speed option): the same map
-    np.testing.assert_allclose(res.heatmap, ref.heatmap, atol=1e-4)
-    with pytest.raises(ValueError, match="precision"):
-        CTCovidPipeline(bundle_dir=test_bundles, device="cpu", precision="fp8")
-
-
-def test_channels_last_and_batch_size_do_not_change_results(pipeline, test_bundles, shared_data):
-    """Memory format, batch size and batch-norm folding are speed settings: the bundles' ``channels_last``
-    values are applied and the segmenter's batch norms folded by default, and switching them off (or
-    changing the batch size) leaves the mask and probabilities unchanged."""
-    from ctcovid.ct import CTCovidPipeline
-    from ctcovid.ct.network_runner import DEFAULT_BATCH_SIZE
-
-    scan = data_path("fixtures", "lungmask_testdata")
-    default = CTCovidPipeline(bundle_dir=test_bundles, device="cpu", severity="always")
-    assert default.batch_size == DEFAULT_BATCH_SIZE["cpu"]["fp32"]
-    bundle_says = {
-        s: bool(json.loads((test_bundles / b / "configs" / "inference.json").read_text())["channels_last"])
-        for s, b in (("segmentation", SEG_BUNDLE), ("detection", DET_BUNDLE), ("severity", SEV_BUNDLE))
-    }
-    assert default.channels_last == bundle_says  # the slice filter has no weights here
-    conv = next(m for m in default.segmenter.network.modules() if isinstance(m, torch.nn.Conv2d))
-    assert conv.weight.is_contiguous(memory_format=torch.channels_last) == bundle_says["segmentation"]
-
-    flipped = CTCovidPipeline(
-        bundle_dir=test_bundles,
-        device="cpu",
-        severity="always",
-        batch_size=1,
-        channels_last=False,
-        fold_batchnorm=False,
-    )
-    assert not any(flipped.channels_last.values())
-
-    def batchnorms(p):
-        return sum(isinstance(m, torch.nn.BatchNorm2d) for m in p.segmenter.network.modules())
-
-    assert default.folded_batchnorms == {"segmentation": 22} and flipped.folded_batchnorms == {"segmentation": 0}
-    assert batchnorms(default) == batchnorms(flipped) - 22
-    ref, res = pipeline(scan), flipped(scan)  # pipeline: batch 8 with the bundles' formats
-    assert _dice(ref.lung_mask, res.lung_mask) > 0.9999
-    assert abs(ref.covid_probability - res.covid_probability) < 1e-4
-    for name, p in ref.severity_probabilities.items():
-        assert abs(p - res.severity_probabilities[name]) < 1e-4
-
-
-def test_stage_progress_and_volume_building_timing(pipeline, shared_data):
-    """Stages are announced in run order; building the ensembles' stacks is timed on its own."""
-    seen: list[str] = []
-    volume = pipeline.read(data_path("fixtures", "lungmask_testdata"))
-    res = pipeline.process(volume, on_stage=seen.append)
-    assert seen == [
-        "normalize",
-        "segmentation",
-        "mask_cleanup",
-        "volume_building",
-        "detection",
-        "gradcam",
-        "volume_building",
-        "severity",
-    ]
-    assert res.stages["volume_building"] == "ok"
-    assert {"normalize", "segmentation", "volume_building", "detection", "gradcam", "severity"} <= set(
-        res.timings_s
-    )
-
-
-def test_handed_over_volume_is_freed_once_normalised(pipeline, shared_data):
-    """A volume passed straight into ``process`` (as ``__call__`` and the batch runner pass it) is freed as
-    soon as its normalised views exist, not kept beside them for the whole scan."""
-    import weakref
-
-    refs: list[weakref.ref] = []
-    alive_at: dict[str, bool] = {}
-
-    def read_and_watch():
-        volume = pipeline.read(data_path("fixtures", "lungmask_testdata"))
-        refs.append(weakref.ref(volume))
-        return volume
-
-    res = pipeline.process(read_and_watch(), on_stage=lambda s: alive_at.setdefault(s, refs[0]() is not None))
-    assert alive_at["normalize"] is True  # still needed while normalising
-    assert alive_at["segmentation"] is False and refs[0]() is None
-    assert res.covid_probability is not None and res.severity is not None  # later stages had their views
-    # a caller that keeps its own reference keeps its volume, unchanged
-    kept = pipeline.read(data_path("fixtures", "lungmask_testdata"))
-    before = kept.clone()
-    pipeline.process(kept)
-    assert torch.equal(kept, before)
-
-
-def test_take_slices_views_consecutive_runs():
-    from ctcovid.ct.context import take_slices
-
-    vol = torch.arange(2 * 3 * 4 * 6, dtype=torch.float32).reshape(2, 3, 4, 6)
-    run = take_slices(vol, [1, 2, 3])
-    assert torch.equal(run, vol[..., 1:4]) and run.data_ptr() == vol[..., 1:4].data_ptr()  # no copy
-    gathered = take_slices(vol, [0, 2, 5])
-    assert torch.equal(gathered, vol[..., [0, 2, 5]])
-
-
-@pytest.mark.parametrize("connectivity", [1, 3])
-@pytest.mark.parametrize("num_components", [1, 2])
-def test_keep_largest_components_matches_monai(connectivity, num_components):
-    """The pipeline's 32-bit connected-component clean-up gives MONAI's KeepLargestConnectedComponent result,
-    also on the mask's bounding box (``_clean_mask``) rather than the whole volume."""
-    from monai.transforms import KeepLargestConnectedComponent
-
-    from ctcovid.ct.mask_cleanup import bounding_box, keep_largest_components
-
-    mask = np.zeros((40, 30, 20), dtype=np.uint8)
-    mask[5:15, 5:15, 5:15] = 1  # 1000 voxels
-    mask[20:26, 5:11, 5:11] = 1  # 216
-    mask[26, 11, 11] = 1  # touches the 216 block only diagonally: joins it with full connectivity
-    mask[30:33, 20:23, 2:5] = 1  # 27
-    mask[38, 28, 18] = 1  # a single voxel near the edge
-    monai_keep = KeepLargestConnectedComponent(
-        applied_labels=[1], num_components=num_components, connectivity=connectivity
-    )
-    ref = monai_keep(torch.from_numpy(mask.copy())[None])[0].numpy()  # a copy: MONAI edits its input in place
-    out = keep_largest_components(mask.copy(), num_components, connectivity)
-    np.testing.assert_array_equal(out, ref)
-    assert out.sum() < mask.sum()  # something was removed
-    box = bounding_box(mask, margin=1)
-    boxed = mask.copy()
-    boxed[box] = keep_largest_components(np.ascontiguousarray(mask[box]), num_components, connectivity)
-    np.testing.assert_array_equal(boxed, ref)
-    assert bounding_box(np.zeros((3, 3, 3), np.uint8)) is None
-
-
-def test_keep_largest_components_beyond_16_bit_labels():
-    """More components than 16-bit labels hold (isolated voxels on every other grid point): the clean-up
-    falls back to 32-bit labels and still gives MONAI's result."""
-    from monai.transforms import KeepLargestConnectedComponent
-
-    from ctcovid.ct.mask_cleanup import keep_largest_components
-
-    mask = np.zeros((104, 104, 104), dtype=np.uint8)
-    mask[::2, ::2, ::2] = 1  # 52**3 = 140608 one-voxel components under 6-connectivity
-    mask[:10, :10, :10] = 1  # one 1000-voxel block
-    mask[-6:, -6:, -6:] = 1  # and a 216-voxel one
-    ref = KeepLargestConnectedComponent(applied_labels=[1], num_components=2, connectivity=1)(
-        torch.from_numpy(mask.copy())[None]
-    )[0].numpy()
-    out = keep_largest_components(mask.copy(), 2, 1)
-    np.testing.assert_array_equal(out, ref)
-    assert 1000 + 216 <= out.sum() < mask.sum() // 50  # the two blocks (and the grid points they touch)
-
-
-def test_montage_frees_its_tile_images_without_the_cycle_collector(tmp_path):
-    """matplotlib's artists refer to each other; the montage clears its figure so the tiles' image
-    arrays (~140 MB for 16 tiles of 512x512) are freed at once, not at some later garbage collection."""
-    import gc
-
-    from ctcovid.ct.montage import save_montage_png
-
-    rng = np.random.default_rng(0)
-    image = rng.random((96, 96, 6), dtype=np.float32)
-    mask = np.zeros(image.shape, np.uint8)
-    mask[20:70, 20:70] = 1
-    gc.collect()
-    gc.disable()
-    gc.set_debug(gc.DEBUG_SAVEALL)  # what only the cycle collector would free lands in gc.garbage
-    try:
-        out = save_montage_png(tmp_path / "m.png", image, mask, range(6), heatmap=image[..., 0], title="t")
-        gc.collect()
-        stranded = [o.shape for o in gc.garbage if isinstance(o, np.ndarray) and o.size >= 96 * 96]
-    finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
-        gc.enable()
-    assert out.is_file()
-    assert stranded == []

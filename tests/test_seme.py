@@ -10,7 +10,6 @@ import math
 
 import numpy as np
 import pytest
-import timm.models._builder
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -25,14 +24,7 @@ from ctcovid.losses import MoExCrossEntropyLoss, RegionalLearningLoss, regional_
 from ctcovid.networks import MomentExchange, SEDenseNet169, SEResNet50, create_network
 from ctcovid.transforms import LungRegiond
 
-
-@pytest.fixture(autouse=True)
-def _no_weight_download(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("a network tried to load pretrained weights")
-
-    monkeypatch.setattr(timm.models._builder, "load_pretrained", refuse)
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
+pytestmark = pytest.mark.usefixtures("no_weight_download")
 
 
 def _ce_by_hand(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

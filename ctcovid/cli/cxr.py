@@ -86,13 +86,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description=(
             "Stage 1 gives P(normal, bacterial, viral); images whose viral probability is above the stored "
             "threshold go to stage 2 (COVID-19 / other viral). Writes <id>.json and <id>_gradcam.png per image "
-            "and summary.csv into --out. An unreadable image gets a failed row with the reason; the run goes on."
+            "and summary.csv into --out. An unreadable image gets a failed row with the reason; the run goes on. "
+            "Re-running resumes: images done with the same content, weights and options are not recomputed."
         ),
     )
     pp.add_argument("images", nargs="+", metavar="IMAGE", help="radiograph files, or folders of them")
     pp.add_argument("--out", "-o", required=True, help="output folder (created)")
     _cascade_options(pp, "viral threshold JSON (default: stage-1 bundle's models/viral_threshold.json)")
     pp.add_argument("--no-gradcam", action="store_true", help="skip the Grad-CAM overlays (faster)")
+    pp.add_argument(
+        "--force", action="store_true", help="recompute images already done with the same content, weights and options"
+    )
     pp.set_defaults(func=run_predict)
 
     pc = _subcommand(
@@ -213,15 +217,17 @@ def run_predict(args) -> int:
     images = _expand(args.images)
 
     def progress(i: int, n: int, row: dict) -> None:
-        tail = row["label"] if row["status"] == "ok" else f"FAILED: {row['reason']}"
+        tail = f"FAILED: {row['reason']}" if row["status"] == "failed" else row["label"]
         print(f"[{i}/{n}] {row['image']}: {tail}", file=sys.stderr)
 
     try:
-        report = run_cascade(cascade, images, args.out, gradcam=not args.no_gradcam, progress=progress)
+        report = run_cascade(
+            cascade, images, args.out, gradcam=not args.no_gradcam, progress=progress, force=args.force
+        )
     except KeyboardInterrupt:
         _error(f"interrupted; finished images are in {args.out}")
         return EXIT_INTERRUPTED
-    print(f"{report.ok} ok, {report.failed} failed -> {report.summary_path}")
+    print(f"{report.ok} ok, {report.skipped_done} already done, {report.failed} failed -> {report.summary_path}")
     return EXIT_IMAGES_FAILED if report.failed else EXIT_OK
 
 

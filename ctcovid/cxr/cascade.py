@@ -134,6 +134,7 @@ class CXRCascade:
         path: str | os.PathLike,
         overlay_path: str | os.PathLike | None = None,
         stage2_for_all: bool = False,
+        image: torch.Tensor | None = None,
     ) -> CXRResult:
         """Run the cascade on one image file.
 
@@ -142,13 +143,14 @@ class CXRCascade:
             overlay_path: where to write the Grad-CAM overlay PNG (``None``: no Grad-CAM).
             stage2_for_all: also run stage 2 on images below the threshold (evaluation scores only; the label
                 still follows the threshold). Their stage-2 probabilities are then reported too.
+            image: ``path`` already read with :func:`ctcovid.io.load_xray` (a batch run reads ahead).
 
         Raises:
             CTInputError: the image cannot be read (the message names the file and the problem).
         """
         from ctcovid.io import load_xray
 
-        image = load_xray(path)
+        image = load_xray(path) if image is None else image
         x1 = self.stage1.preprocess(image)
         p1 = self.stage1.probabilities(x1)
         pv = float(p1[self.viral_index])

@@ -1,48 +1,109 @@
-"""Running the X-ray cascade over many image files (:func:`run_cascade`: per image ``<id>.json`` and
-``<id>_gradcam.png``, and ``summary.csv``; a bad file is recorded with its reason and the run goes on), and
-scoring it on labelled images (:func:`evaluate_cascade`, 4 classes)."""
+"""Running the X-ray cascade over many image files with the shared batch runner (:func:`run_cascade`: per
+image ``<id>.json`` and ``<id>_gradcam.png``, and ``summary.csv``; a bad file is recorded with its reason and
+the run goes on; a re-run resumes), and scoring it on labelled images (:func:`evaluate_cascade`, 4 classes)."""
 
 from __future__ import annotations
 
 import logging
 import os
-import traceback
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from ctcovid.io.atomic import write_csv_atomic, write_json_atomic
 from ctcovid.io.errors import CTInputError
+from ctcovid.running.batch import BatchReport
 
 from .cascade import CXRCascade
 from .result import FINAL_LABELS, SUMMARY_FIELDS, SUMMARY_NAME, CXRResult
 
-__all__ = ["CascadeRunReport", "cascade_scores", "evaluate_cascade", "run_cascade"]
+__all__ = ["CascadeBatch", "CascadeRunRecord", "cascade_scores", "evaluate_cascade", "run_cascade"]
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class CascadeRunReport:
-    """What :func:`run_cascade` did: one summary row per input, in input order."""
+class CascadeRunRecord:
+    """One image of a cascade run: the cascade's answer and what a resumable batch run keeps with it (the
+    result type :func:`ctcovid.running.batch.run_batch` needs). Its JSON record is ``<id>.json``."""
 
-    out_dir: Path
-    rows: list[dict[str, Any]] = field(default_factory=list)
+    SUMMARY_FIELDS: ClassVar[tuple[str, ...]] = SUMMARY_FIELDS
+    image_id: str
+    result: CXRResult
+    warnings: list[str] = field(default_factory=list)
+    input_sha256: str | None = None
+    resume_key: str | None = None
+    timings_s: dict[str, float] = field(default_factory=dict)
 
-    @property
-    def failed(self) -> int:
-        return sum(1 for r in self.rows if r["status"] == "failed")
+    @staticmethod
+    def output_names(image_id: str) -> list[str]:
+        # the Grad-CAM overlay is optional (--no-gradcam), so resume checks the JSON record alone
+        return []
 
-    @property
-    def ok(self) -> int:
-        return sum(1 for r in self.rows if r["status"] == "ok")
+    @classmethod
+    def failed(cls, scan_id: str, path: str, reason: str, models: dict | None = None, **fields: Any):
+        return cls(scan_id, CXRResult(image=path, status="failed", reason=reason, models=models or {}), **fields)
 
-    @property
-    def summary_path(self) -> Path:
-        return self.out_dir / SUMMARY_NAME
+    @staticmethod
+    def summary_row_from_record(record: dict, scan_id: str, path: str, status: str, reason: str) -> dict:
+        known = {f.name for f in fields(CXRResult)}
+        result = CXRResult(**{k: v for k, v in record.items() if k in known})
+        return {**result.summary_row(scan_id), "image": path, "status": status, "reason": reason}
+
+    def to_dict(self) -> dict:
+        return {
+            "id": self.image_id,
+            **self.result.to_dict(),
+            "warnings": list(self.warnings),
+            "input_sha256": self.input_sha256,
+            "resume_key": self.resume_key,
+            "timings_s": {k: round(v, 4) for k, v in self.timings_s.items()},
+        }
+
+    def summary_row(self) -> dict:
+        return self.result.summary_row(self.image_id)
+
+    def save(self, out_dir: str | os.PathLike) -> None:
+        write_json_atomic(self.to_dict(), Path(out_dir) / f"{self.image_id}.json")
+
+
+class CascadeBatch:
+    """The cascade as a :class:`~ctcovid.running.batch.BatchPipeline`: images are read ahead, each one's
+    Grad-CAM overlay goes to ``out_dir/<id>_gradcam.png``."""
+
+    result_type = CascadeRunRecord
+
+    def __init__(self, cascade: CXRCascade, out_dir: str | os.PathLike, gradcam: bool = True) -> None:
+        self.cascade, self.out_dir, self.gradcam = cascade, Path(out_dir), bool(gradcam)
+
+    def read(self, path: str | os.PathLike):
+        from ctcovid.io import load_xray
+
+        return load_xray(path)
+
+    def process(self, volume, path=None, scan_id=None, read_seconds=None, on_stage=None) -> CascadeRunRecord:
+        overlay = self.out_dir / f"{scan_id}_gradcam.png" if self.gradcam else None
+        result = self.cascade.predict(path, overlay_path=overlay, image=volume)
+        if result.overlay_png:
+            result.overlay_png = Path(result.overlay_png).name
+        record = CascadeRunRecord(scan_id, result, list(self.cascade.warnings))
+        if read_seconds is not None:
+            record.timings_s["read"] = read_seconds
+        return record
+
+    def model_versions(self) -> dict[str, dict]:
+        return {stage: dict(p) for stage, p in self.cascade.models().items() if isinstance(p, dict)}
+
+    def options(self) -> dict[str, Any]:
+        """What changes results besides the images and weights (part of the resume key)."""
+        return {
+            "gradcam": self.gradcam,
+            "viral_threshold": self.cascade.threshold,
+            "spatial_size": [self.cascade.stage1.spatial_size, self.cascade.stage2.spatial_size],
+        }
 
 
 def _unique_ids(paths: Sequence[Path]) -> list[str]:
@@ -68,38 +129,37 @@ def run_cascade(
     out_dir: str | os.PathLike,
     gradcam: bool = True,
     progress: Callable[[int, int, dict], None] | None = None,
-) -> CascadeRunReport:
+    force: bool = False,
+    workers: int = 1,
+) -> BatchReport:
     """Run the cascade over image files, writing ``<id>.json``, ``<id>_gradcam.png`` and ``summary.csv``.
 
-    A file that cannot be read (any :class:`~ctcovid.io.errors.CTInputError`) or that fails in the networks
-    gets ``status = "failed"`` and the reason, in its JSON and its summary row; the run goes on.
-    ``summary.csv`` is rewritten (atomically) after every image.
+    The shared batch runner (:func:`ctcovid.running.batch.run_batch`) does the work: a file that cannot be
+    read (any :class:`~ctcovid.io.errors.CTInputError`) or that fails in the networks gets
+    ``status = "failed"`` and the reason, in its JSON and its summary row, and the run goes on;
+    ``summary.csv`` is rewritten (atomically) after every image; an image already done with the same
+    content, weights and options is not recomputed (row status ``skipped-done``) unless ``force``.
+
+    Args:
+        progress: called as ``progress(i, n, row)`` after each image.
+        workers: images read ahead in background threads.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    from ctcovid.running.batch import run_batch
+    from ctcovid.running.scans import ScanInput
+
     paths = [Path(p) for p in images]
-    report = CascadeRunReport(out)
-    for i, (path, image_id) in enumerate(zip(paths, _unique_ids(paths))):
-        overlay = out / f"{image_id}_gradcam.png" if gradcam else None
-        try:
-            result = cascade.predict(path, overlay_path=overlay)
-        except CTInputError as e:
-            result = CXRResult(image=str(path), status="failed", reason=str(e), models=cascade.models())
-        except Exception as e:  # a network/transform failure on one image must not end the run
-            logger.error("cascade failed on %s:\n%s", path, traceback.format_exc())
-            result = CXRResult(image=str(path), status="failed", reason=f"{type(e).__name__}: {e}",
-                               models=cascade.models())
-        if result.overlay_png:
-            result.overlay_png = Path(result.overlay_png).name
-        record = {"id": image_id, **result.to_dict(), "warnings": list(cascade.warnings)}
-        write_json_atomic(record, out / f"{image_id}.json")
-        report.rows.append(result.summary_row(image_id))
-        write_csv_atomic(report.rows, SUMMARY_FIELDS, report.summary_path)
-        if progress is not None:
-            progress(i + 1, len(paths), report.rows[-1])
-    if not paths:
-        write_csv_atomic([], SUMMARY_FIELDS, report.summary_path)
-    return report
+    scans = [ScanInput(p, image_id) for p, image_id in zip(paths, _unique_ids(paths))]
+    return run_batch(
+        scans,
+        out_dir,
+        CascadeBatch(cascade, out_dir, gradcam),
+        force=force,
+        workers=workers,
+        progress=False,
+        log=lambda msg: logger.warning("%s", msg),
+        summary_name=SUMMARY_NAME,
+        on_row=progress,
+    )
 
 
 def cascade_scores(result: CXRResult) -> np.ndarray:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ctcovid.io.atomic import write_csv_atomic, write_json_atomic
-from ctcovid.io.errors import CTInputError
+from ctcovid.io.errors import CTInputError, InputNotFoundError
 
 from .resume import hash_input, load_done_record, resume_key
 from .scans import ScanInput, discover_scans
@@ -125,6 +125,7 @@ def run_batch(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     summary_name: str = SUMMARY_NAME,
+    on_row: Callable[[int, int, dict[str, Any]], None] | None = None,
 ) -> BatchReport:
     """Run ``pipeline`` on every scan of ``inputs`` and write the outputs into ``out_dir``.
 
@@ -138,6 +139,7 @@ def run_batch(
         log: where per-scan failure messages go (default: ``tqdm.write`` to stderr).
         summary_name: file name of the summary in ``out_dir`` (a distributed rank writes its own partial
             summary, :mod:`ctcovid.running.distributed`).
+        on_row: called as ``on_row(i, n, row)`` after input ``i`` of ``n`` (1-based) has its summary row.
 
     Returns:
         A :class:`BatchReport` whose rows are also in ``out_dir/summary.csv`` (``out_dir/summary_name``).
@@ -163,6 +165,8 @@ def run_batch(
     def prepare(scan: ScanInput) -> _Prepared:
         p = _Prepared(scan)
         try:
+            if not Path(scan.path).exists():
+                raise InputNotFoundError(scan.path, "no such file or folder")
             p.input_sha256 = hash_input(scan.path)
             p.key = resume_key(p.input_sha256, versions, options)
             if not force:
@@ -224,6 +228,8 @@ def run_batch(
                 report.rows.append(row)
             write_summary()
             bar.update(1)
+            if on_row is not None:
+                on_row(len(report.rows), len(scans), report.rows[-1])
         write_summary()  # an empty run still gets its (header-only) summary
     finally:
         if pool is not None:
@@ -255,12 +261,13 @@ def _process_one(pipeline: BatchPipeline, prep: _Prepared, out: Path, stage_bar,
         write_json_atomic(result.to_dict(), out / f"{scan.scan_id}.json")  # with the output timing
         return result.summary_row()
     except Exception as e:
+        reason = _reason(e)
         failed = pipeline.result_type.failed(
-            scan.scan_id, str(scan.path), _reason(e), input_sha256=prep.input_sha256, models=pipeline.model_versions()
+            scan.scan_id, str(scan.path), reason, input_sha256=prep.input_sha256, models=pipeline.model_versions()
         )
         if not isinstance(e, CTInputError):
             say(f"{scan.scan_id}: unexpected error\n{''.join(traceback.format_exception(e))}")
-        say(f"failed: {failed.reason}")
+        say(f"failed: {reason}")
         try:
             for stale in _outputs_of(pipeline, scan.scan_id, out):  # from an earlier success on other content
                 stale.unlink(missing_ok=True)
