@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import ctcovid
 from ctcovid.bundle import (
     BUNDLE_NAMES,
     bundle_path,
@@ -55,6 +56,11 @@ def test_metadata_verifies_offline(name):
     assert meta["version"] in meta["changelog"], f"{name}: current version missing from changelog"
     assert set(meta["network_data_format"]["inputs"]) == {"image"}
     assert set(meta["network_data_format"]["outputs"]) == {"pred"}
+    # keys MONAI has renamed (it warns on every run of a bundle that still uses them)
+    from monai.bundle.utils import DEPRECATED_ID_MAPPING
+
+    assert not set(meta) & set(DEPRECATED_ID_MAPPING), f"{name}: deprecated metadata keys"
+    assert meta["required_packages_version"]["ctcovid"] == ctcovid.__version__
 
 
 #: Bundles whose paper-size network runs through ``verify_net_in_out`` at the metadata's input in the CPU

@@ -86,7 +86,7 @@ def test_predict_corrupt_scan_exit_code_and_summary(seg_only_bundles, tmp_path, 
     code = main(["predict", str(bad), str(good), *opts])
     assert code == EXIT_SCANS_FAILED
     captured = capsys.readouterr()
-    assert "1 ok, 0 already done, 1 failed" in captured.out and "failed: bad_series:" in captured.out
+    assert "1 ok (0 reused from an earlier run), 1 failed" in captured.out and "failed: bad_series:" in captured.out
     with open(out / "summary.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [(r["scan_id"], r["status"]) for r in rows] == [
@@ -96,7 +96,7 @@ def test_predict_corrupt_scan_exit_code_and_summary(seg_only_bundles, tmp_path, 
     assert "bad_series" in rows[0]["reason"]
     # the same command again: the good scan is done, the bad one is retried (and fails again)
     assert main(["predict", str(bad), str(good), *opts]) == EXIT_SCANS_FAILED
-    assert "0 ok, 1 already done, 1 failed" in capsys.readouterr().out
+    assert "1 ok (1 reused from an earlier run), 1 failed" in capsys.readouterr().out
     # only the good scan: all done -> exit 0
     assert main(["predict", str(good), *opts]) == EXIT_OK
 

@@ -165,10 +165,14 @@ def test_run_batch_drives_any_pipeline_with_a_result_type(tmp_path):
     ]
     assert "empty text" in report.rows[1]["reason"]
     with open(report.summary_path, newline="") as f:
-        assert next(csv.reader(f)) == list(WordCount.SUMMARY_FIELDS)
+        assert next(csv.reader(f)) == ["scan_id", "path", "status", "reused", "reason", "words"]
     assert (tmp_path / "out" / "a.words.txt").read_text() == "3"
 
     # resume: finished inputs are reused through the result type's own record reader; the failed one retried
     again = run_batch([tmp_path / "in"], tmp_path / "out", counter, workers=0, progress=False, log=lambda m: None)
-    assert [(r["status"], r["words"]) for r in again.rows] == [("skipped-done", 3), ("failed", None), ("skipped-done", 2)]
+    assert [(r["status"], r["reused"], r["words"]) for r in again.rows] == [
+        ("ok", True, 3),
+        ("failed", False, None),
+        ("ok", True, 2),
+    ]
     assert counter.processed == ["a", "c"]

@@ -163,18 +163,18 @@ def test_batch_rerun_resumes_and_force_recomputes(tmp_path, stub_cascade):
     mtime = (out / "a.json").stat().st_mtime_ns
 
     again = run_cascade(stub_cascade(0.5), [a, b, broken], out)
-    assert [r["status"] for r in again.rows] == ["skipped-done", "skipped-done", "failed"]
+    assert [(r["status"], r["reused"]) for r in again.rows] == [("ok", True), ("ok", True), ("failed", False)]
     assert [r["label"] for r in again.rows[:2]] == [r["label"] for r in first.rows[:2]]
     assert [r["p_viral"] for r in again.rows[:2]] == [r["p_viral"] for r in first.rows[:2]]
     assert (out / "a.json").stat().st_mtime_ns == mtime and (out / "a_gradcam.png").is_file()
 
     _grey_png(tmp_path / "b.png", 180)  # new content: recomputed, now above the threshold
     changed = run_cascade(stub_cascade(0.5), [a, b], out)
-    assert [r["status"] for r in changed.rows] == ["skipped-done", "ok"] and changed.rows[1]["label"] == "COVID-19"
+    assert [r["reused"] for r in changed.rows] == [True, False] and changed.rows[1]["label"] == "COVID-19"
     other_threshold = run_cascade(stub_cascade(0.9), [a], out)  # options are part of the resume key
-    assert other_threshold.rows[0]["status"] == "ok" and other_threshold.rows[0]["label"] == "normal"
+    assert other_threshold.rows[0]["reused"] is False and other_threshold.rows[0]["label"] == "normal"
     forced = run_cascade(stub_cascade(0.9), [a], out, force=True)
-    assert forced.rows[0]["status"] == "ok"
+    assert forced.rows[0]["reused"] is False and forced.rows[0]["status"] == "ok"
 
 
 def test_real_radiographs_route_through_stub_stage1(tmp_path, stub_cascade):

@@ -141,7 +141,7 @@ def test_curate_reports_what_was_removed_and_why(tmp_path):
     assert rows["good.png"]["kept"] == "True" and rows["blurred.png"]["kept"] == "False"
 
 
-def test_quality_cli(tmp_path, capsys):
+def test_quality_cli(tmp_path, capsys, monkeypatch):
     from PIL import Image
 
     from ctcovid.cli.main import main
@@ -149,11 +149,19 @@ def test_quality_cli(tmp_path, capsys):
     arr = load_xray(data_path(*KERMANY_IMG))[0].numpy()
     Image.fromarray(np.round(arr * 255).astype(np.uint8)).save(tmp_path / "a.png")
     Image.fromarray(np.round(ndimage.gaussian_filter(arr, 3.0) * 255).astype(np.uint8)).save(tmp_path / "b.png")
-    rc = main(["quality", str(tmp_path), "--report", str(tmp_path / "q.csv"), "--json"])
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("a.png", "b.png"):
+        (tmp_path / name).rename(images / name)
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    rc = main(["quality", str(images), "--out", str(tmp_path / "curation"), "--json"])
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["total"] == 2 and summary["removed"] == 1 and summary["removed_by_reason"] == {"blurry": 1}
-    assert (tmp_path / "q.csv").is_file()
+    assert summary["report"] == str(tmp_path / "curation" / "quality_report.csv")
+    assert (tmp_path / "curation" / "quality_report.csv").is_file()
+    assert list((tmp_path / "cwd").iterdir()) == []  # nothing written into the working directory
 
 
 # --- class balancing ---------------------------------------------------------------------------------------

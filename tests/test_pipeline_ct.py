@@ -305,16 +305,21 @@ def test_resume_skips_done_scans_by_content_hash(fast_pipeline, tmp_path, totals
     assert [r["status"] for r in first.rows] == ["ok"]
     stamp = (out / "a.json").stat().st_mtime_ns
 
-    # the full run: a is skipped as done, the others are computed; summary lists all three
+    # the full run: a is reused, the others are computed; summary lists all three as they finished
     full = run_batch([scans], out, pipeline, progress=False)
-    assert [(r["scan_id"], r["status"]) for r in full.rows] == [
-        ("a", "skipped-done"),
-        ("b", "ok"),
-        ("c", "ok"),
+    assert [(r["scan_id"], r["status"], r["reused"]) for r in full.rows] == [
+        ("a", "ok", True),
+        ("b", "ok", False),
+        ("c", "ok", False),
     ]
+    assert full.ok == 3 and full.reused == 1
     assert (out / "a.json").stat().st_mtime_ns == stamp  # not rewritten
     rows = _read_csv(out / "summary.csv")
-    assert [r["status"] for r in rows] == ["skipped-done", "ok", "ok"]
+    assert [(r["status"], r["reused"]) for r in rows] == [("ok", "True"), ("ok", "False"), ("ok", "False")]
+    assert list(rows[0])[:5] == ["scan_id", "path", "status", "reused", "reason"]
+    # the reused row carries the values it finished with, not a placeholder
+    first_row = {k: str(v) for k, v in first.rows[0].items() if k != "reused"}
+    assert {k: rows[0][k] for k in first_row} == {k: ("" if v == "None" else v) for k, v in first_row.items()}
     a_rec = json.loads((out / "a.json").read_text())
     assert float(rows[0]["covid_probability"]) == pytest.approx(
         a_rec["detection"]["covid_probability"], abs=1e-4
@@ -326,7 +331,7 @@ def test_resume_skips_done_scans_by_content_hash(fast_pipeline, tmp_path, totals
     data[0, 0, 0] += 1
     nib.save(nib.Nifti1Image(data, img.affine, img.header), scans / "c.nii.gz")
     again = run_batch([scans], out, pipeline, progress=False)
-    assert [r["status"] for r in again.rows] == ["skipped-done", "skipped-done", "ok"]
+    assert [r["reused"] for r in again.rows] == [True, True, False]
 
     # a done scan whose output was deleted is not done any more
     (out / "b_montage.png").unlink()
@@ -335,7 +340,7 @@ def test_resume_skips_done_scans_by_content_hash(fast_pipeline, tmp_path, totals
     assert [r["status"] for r in forced.rows] == ["ok"]
     assert (out / "a.json").stat().st_mtime_ns != stamp
     last = run_batch([scans], out, pipeline, progress=False)
-    assert [r["status"] for r in last.rows] == ["skipped-done", "ok", "skipped-done"]
+    assert [r["reused"] for r in last.rows] == [True, False, True]
 
 
 def test_discover_scans_layouts(tmp_path, shared_data):

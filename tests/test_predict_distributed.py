@@ -20,7 +20,7 @@ from conftest import PROJECT_ROOT
 
 from ctcovid.ct.result import CTResult
 from ctcovid.io.atomic import write_csv_atomic
-from ctcovid.running.batch import SUMMARY_NAME
+from ctcovid.running.batch import SUMMARY_NAME, summary_columns
 from ctcovid.running.distributed import (
     backend_for,
     merge_partial_summaries,
@@ -92,7 +92,7 @@ def test_merge_matches_single_process_summary(tmp_path):
 
     def row(i, graded):
         r = {k: None for k in SUMMARY_FIELDS} | {"scan_id": f"s{i}", "path": str(scans[i].path)}
-        r |= {"status": "ok", "slices_read": 10 + i, "covid_probability": 0.25 * (i % 4)}
+        r |= {"status": "ok", "reused": i % 2 == 0, "slices_read": 10 + i, "covid_probability": 0.25 * (i % 4)}
         if graded:
             r |= {"p_mild": 0.1, "p_moderate": 0.2, "p_severe": 0.3, "p_critical": 0.4}
         return r
@@ -100,11 +100,8 @@ def test_merge_matches_single_process_summary(tmp_path):
     rows = [row(0, False), row(1, False), row(2, True), row(3, False), row(4, True)]
     rows[3] |= {"status": "failed", "reason": 'unreadable, "quoted"\nsecond line', "slices_read": None}
 
-    def fields(rs):  # what run_batch writes: fixed columns, then extras by first appearance
-        extra = []
-        for r in rs:
-            extra += [k for k in r if k not in SUMMARY_FIELDS and k not in extra]
-        return [*SUMMARY_FIELDS, *extra]
+    def fields(rs):  # the columns run_batch writes for these rows
+        return summary_columns(SUMMARY_FIELDS, rs)
 
     write_csv_atomic(rows, fields(rows), tmp_path / "single.csv")
     out = tmp_path / "out"
@@ -188,9 +185,9 @@ def _torchrun(args: list[str], tmp_path: Path, wrap_exit_codes: bool) -> subproc
     return subprocess.run(cmd, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
-def _summary(out: Path) -> list[tuple[str, str]]:
+def _summary(out: Path) -> list[tuple[str, str, str]]:
     with open(out / SUMMARY_NAME, newline="") as f:
-        return [(r["scan_id"], r["status"]) for r in csv.DictReader(f)]
+        return [(r["scan_id"], r["status"], r["reused"]) for r in csv.DictReader(f)]
 
 
 def test_torchrun_two_ranks_shard_merge_exit_code_and_resume(seg_only_bundles, tmp_path):
@@ -211,8 +208,8 @@ def test_torchrun_two_ranks_shard_merge_exit_code_and_resume(seg_only_bundles, t
     codes = {r: (tmp_path / f"exit.{r}").read_text().strip() for r in (0, 1)}
     assert codes == {0: "1", 1: "1"}, log  # EXIT_SCANS_FAILED on both ranks: the failure was on one
     assert "distributed run: 4 scan(s) over 2 ranks (gloo)" in log, log
-    assert "all 2 ranks: 4 scan(s): 3 ok, 0 already done, 1 failed" in log, log
-    assert _summary(out) == [(n, "failed" if n == "broken" else "ok") for n in order]
+    assert "all 2 ranks: 4 scan(s): 3 ok (0 reused from an earlier run), 1 failed" in log, log
+    assert _summary(out) == [(n, "failed" if n == "broken" else "ok", "False") for n in order]
     files = sorted(p.name for p in out.iterdir())
     assert [f for f in files if f.endswith(".json")] == sorted(f"{n}.json" for n in order)  # one each
     assert not [f for f in files if f.startswith("summary.rank") or f.startswith(".")]  # no partial, no tmp
@@ -222,6 +219,6 @@ def test_torchrun_two_ranks_shard_merge_exit_code_and_resume(seg_only_bundles, t
     second = _torchrun(args, tmp_path, wrap_exit_codes=False)
     log = second.stdout + second.stderr
     assert second.returncode != 0, log  # torchrun reports a failed rank by its own non-zero exit
-    assert "all 2 ranks: 4 scan(s): 0 ok, 3 already done, 1 failed" in log, log
-    assert _summary(out) == [(n, "failed" if n == "broken" else "skipped-done") for n in order]
+    assert "all 2 ranks: 4 scan(s): 3 ok (3 reused from an earlier run), 1 failed" in log, log
+    assert _summary(out) == [(n, "failed", "False") if n == "broken" else (n, "ok", "True") for n in order]
     assert not list(out.glob("summary.rank*.csv"))

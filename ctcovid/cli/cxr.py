@@ -227,7 +227,9 @@ def run_predict(args) -> int:
     except KeyboardInterrupt:
         _error(f"interrupted; finished images are in {args.out}")
         return EXIT_INTERRUPTED
-    print(f"{report.ok} ok, {report.skipped_done} already done, {report.failed} failed -> {report.summary_path}")
+    print(
+        f"{report.ok} ok ({report.reused} reused from an earlier run), {report.failed} failed -> {report.summary_path}"
+    )
     return EXIT_IMAGES_FAILED if report.failed else EXIT_OK
 
 

@@ -77,7 +77,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "Read each scan, filter lung slices, segment the lungs, run the COVID-19 detection ensemble and the "
             "severity ensemble (on scans predicted COVID-19, or all with --severity always). Writes "
             "<scan>.json, <scan>_lung_mask.nii.gz, <scan>_montage.png per scan and summary.csv into --out. "
-            "A failing scan does not stop the run; re-running skips scans already done."
+            "A failing scan does not stop the run; re-running reuses the scans already done (summary.csv keeps "
+            "their results, with reused=True)."
         ),
         epilog=EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -148,7 +149,7 @@ def run_and_report(args, command: str, inputs, pipeline, summary_name: str = "su
         return EXIT_INTERRUPTED
     n = len(report.rows)
     print(
-        f"{n} scan(s): {report.ok} ok, {report.skipped_done} already done, {report.failed} failed. "
+        f"{n} scan(s): {report.ok} ok ({report.reused} reused from an earlier run), {report.failed} failed. "
         f"Outputs in {report.out_dir.resolve()} (summary: {report.summary_path.name})"
     )
     for row in report.rows:

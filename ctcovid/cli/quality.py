@@ -2,13 +2,15 @@
 
 Every image (files, or every X-ray file below given folders) is read with :func:`ctcovid.io.load_xray` and
 checked by :class:`ctcovid.transforms.ImageQualityFilter`; the command prints what it would remove and why and
-writes a CSV report (one row per image). Unreadable files are reported, not fatal.
+writes a CSV report (one row per image) into the output folder ``--out``. Unreadable files are reported, not
+fatal.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -29,7 +31,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--contrast-high", type=float, default=DEFAULT_CONTRAST_RANGE[1],
                    help=f"maximum RMS contrast (default {DEFAULT_CONTRAST_RANGE[1]:g})")
     p.add_argument("--analysis-size", type=int, default=224, help="side of the square images are measured at")
-    p.add_argument("--report", default="quality_report.csv", help="CSV report path (default quality_report.csv)")
+    p.add_argument("--out", "-o", required=True, help="output folder (created); the report is written there")
+    p.add_argument(
+        "--report-name", default="quality_report.csv", help="file name of the CSV report (default quality_report.csv)"
+    )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=run)
     return p
@@ -51,7 +56,9 @@ def run(args) -> int:
         analysis_size=args.analysis_size,
     )
     report = curate(items, qf)
-    path = write_curation_report(report, args.report)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = write_curation_report(report, out / args.report_name)
     summary = {**report.summary(), "report": str(path)}
     if args.json:
         print(json.dumps(summary, indent=2))

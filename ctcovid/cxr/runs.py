@@ -138,7 +138,8 @@ def run_cascade(
     read (any :class:`~ctcovid.io.errors.CTInputError`) or that fails in the networks gets
     ``status = "failed"`` and the reason, in its JSON and its summary row, and the run goes on;
     ``summary.csv`` is rewritten (atomically) after every image; an image already done with the same
-    content, weights and options is not recomputed (row status ``skipped-done``) unless ``force``.
+    content, weights and options is not recomputed (its row is rebuilt from its record, ``reused`` true) unless
+    ``force``.
 
     Args:
         progress: called as ``progress(i, n, row)`` after each image.

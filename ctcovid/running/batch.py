@@ -10,7 +10,8 @@ run leaves complete files and an up-to-date summary.
   and its summary row; the run goes on.
 - A scan whose ``<id>.json`` is ``ok`` with the same resume key (input content hash + model versions +
   options, :mod:`ctcovid.running.resume`) and whose mask and montage still exist is not recomputed: its
-  row says ``skipped-done``. ``force=True`` recomputes everything. Failed scans are always retried.
+  row is rebuilt from that record (its status and values, as when it finished) with ``reused = True``.
+  ``force=True`` recomputes everything. Failed scans are always retried.
 - Reading runs ahead in a thread pool (``workers`` scans at a time) while the networks work on the
   current scan; networks run in the calling thread.
 """
@@ -34,9 +35,22 @@ from ctcovid.io.errors import CTInputError, InputNotFoundError
 from .resume import hash_input, load_done_record, resume_key
 from .scans import ScanInput, discover_scans
 
-__all__ = ["BatchPipeline", "BatchReport", "SUMMARY_NAME", "run_batch"]
+__all__ = ["BatchPipeline", "BatchReport", "REUSED_COLUMN", "SUMMARY_NAME", "run_batch", "summary_columns"]
 
 SUMMARY_NAME = "summary.csv"
+
+#: ``summary.csv`` column saying whether the row's result was computed by an earlier run (resume).
+REUSED_COLUMN = "reused"
+
+
+def summary_columns(fields: Sequence[str], rows: Iterable[dict[str, Any]]) -> list[str]:
+    """``summary.csv`` columns: the pipeline's fixed ``fields`` with :data:`REUSED_COLUMN` after ``status``,
+    then every other key that holds a value in some row (e.g. ``p_<class>``), in order of first appearance."""
+    columns = list(fields)
+    columns.insert(columns.index("status") + 1 if "status" in columns else len(columns), REUSED_COLUMN)
+    for row in rows:
+        columns += [k for k, v in row.items() if k not in columns and v not in (None, "")]
+    return columns
 
 
 class BatchPipeline(Protocol):
@@ -72,6 +86,7 @@ class BatchReport:
 
     @property
     def ok(self) -> int:
+        """Inputs with a result (computed now or reused)."""
         return self.count("ok")
 
     @property
@@ -79,8 +94,9 @@ class BatchReport:
         return self.count("failed")
 
     @property
-    def skipped_done(self) -> int:
-        return self.count("skipped-done")
+    def reused(self) -> int:
+        """Inputs whose result an earlier run computed (resume)."""
+        return sum(1 for r in self.rows if r.get(REUSED_COLUMN) is True)
 
     @property
     def summary_path(self) -> Path:
@@ -183,11 +199,8 @@ def run_batch(
         return p
 
     def write_summary() -> None:
-        extra: list[str] = []
-        fixed = list(pipeline.result_type.SUMMARY_FIELDS)
-        for row in report.rows:
-            extra += [k for k in row if k not in fixed and k not in extra]
-        write_csv_atomic(report.rows, fixed + extra, report.summary_path)
+        columns = summary_columns(pipeline.result_type.SUMMARY_FIELDS, report.rows)
+        write_csv_atomic(report.rows, columns, report.summary_path)
 
     bar = tqdm(total=len(scans), desc="scans", unit="scan", disable=not progress, file=sys.stderr)
     stage_bar = tqdm(
@@ -214,18 +227,17 @@ def run_batch(
             scan = prep.scan
             bar.set_postfix_str(scan.scan_id)
             if prep.record is not None:
-                report.rows.append(
-                    pipeline.result_type.summary_row_from_record(
-                        prep.record,
-                        scan.scan_id,
-                        str(scan.path),
-                        status="skipped-done",
-                        reason="already done with the same input and models (use --force to recompute)",
-                    )
+                row = pipeline.result_type.summary_row_from_record(
+                    prep.record,
+                    scan.scan_id,
+                    str(scan.path),
+                    status=prep.record.get("status", "ok"),
+                    reason=prep.record.get("reason"),
                 )
+                report.rows.append({**row, REUSED_COLUMN: True})
             else:
                 row = _process_one(pipeline, prep, out, stage_bar, say)
-                report.rows.append(row)
+                report.rows.append({**row, REUSED_COLUMN: False})
             write_summary()
             bar.update(1)
             if on_row is not None:

@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 from ctcovid.io.atomic import write_csv_atomic
 
-from .batch import SUMMARY_NAME
+from .batch import REUSED_COLUMN, SUMMARY_NAME, summary_columns
 from .resume import input_files
 from .scans import ScanInput
 
@@ -206,10 +206,8 @@ def merge_partial_summaries(
     if not found:
         return None
     rows = [by_id[s.scan_id] for s in scans if s.scan_id in by_id]
-    extra: list[str] = []
-    for row in rows:  # a single process adds p_<class> keys only to graded rows: same column order
-        extra += [k for k, v in row.items() if k not in fields and k not in extra and v != ""]
-    write_csv_atomic(rows, [*fields, *extra], out / SUMMARY_NAME)
+    # a single process adds p_<class> keys only to graded rows: the same rule gives the same column order
+    write_csv_atomic(rows, summary_columns(fields, rows), out / SUMMARY_NAME)
     for path in out.iterdir():  # this run's partials and any left by a killed run with more ranks
         if _PARTIAL.match(path.name):
             path.unlink(missing_ok=True)
@@ -307,10 +305,11 @@ def _plan(plan, world_size: int, backend: str, cost_out_dir, failed_code: int, s
 
 
 def _totals(rows: list[dict[str, str]], n_scans: int, world_size: int, summary: Path) -> str:
-    count = {s: sum(1 for r in rows if r["status"] == s) for s in ("ok", "skipped-done", "failed")}
+    count = {s: sum(1 for r in rows if r["status"] == s) for s in ("ok", "failed")}
+    reused = sum(1 for r in rows if r.get(REUSED_COLUMN) == "True")
     missing = n_scans - len(rows)
     text = (
-        f"all {world_size} ranks: {n_scans} scan(s): {count['ok']} ok, {count['skipped-done']} already done, "
+        f"all {world_size} ranks: {n_scans} scan(s): {count['ok']} ok ({reused} reused from an earlier run), "
         f"{count['failed']} failed"
     )
     if missing:
