@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import PROJECT_ROOT, data_path
 
+import ctcovid
 from ctcovid.cli.main import main
 from ctcovid.cli.predict import EXIT_MODELS, EXIT_OK, EXIT_SCANS_FAILED, EXIT_USAGE
 
@@ -31,7 +32,7 @@ def test_help_lists_commands_and_exit_codes(capsys):
         main(["predict", "--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    assert "exit codes:" in text and "--skip-missing" in text and "--severity" in text
+    assert "exit codes:" in text and "--require-all" in text and "--severity" in text
     with pytest.raises(SystemExit):
         main(["--help"])
     text = capsys.readouterr().out
@@ -58,7 +59,7 @@ def test_bad_option_values(tmp_path, capsys):
     assert e.value.code == EXIT_USAGE
 
 
-def test_missing_weights_error_names_the_bundle(seg_only_bundles, tmp_path, capsys):
+def test_missing_weights_refused_only_with_require_all(seg_only_bundles, tmp_path, capsys):
     scan = data_path("fixtures", "lungmask_testdata")
     argv = [
         "predict",
@@ -69,10 +70,25 @@ def test_missing_weights_error_names_the_bundle(seg_only_bundles, tmp_path, caps
         str(seg_only_bundles),
         "--no-progress",
     ]
-    assert main(argv) == EXIT_MODELS
+    assert main([*argv, "--require-all"]) == EXIT_MODELS
     err = capsys.readouterr().err
-    assert f"bundle {DET_BUNDLE}" in err and "train.json" in err and "--skip-missing" in err
+    assert f"bundle {DET_BUNDLE}" in err and "train.json" in err and "--require-all" in err
     assert not (tmp_path / "out").exists()
+
+    # the default runs every stage that has weights and says plainly which did not run, and why
+    assert main(argv) == EXIT_OK
+    captured = capsys.readouterr()
+    assert "detection: not run (no trained weights" in captured.err and DET_BUNDLE in captured.err
+    assert "severity: not run (no trained weights" in captured.err
+    with open(tmp_path / "out" / "summary.csv", newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["status"] == "ok" and row["covid_probability"] == "" and row["severity"] == ""
+    assert row["detection_status"].startswith("skipped: no trained weights") and DET_BUNDLE in row["detection_status"]
+    assert row["severity_status"].startswith("skipped: no trained weights")
+    assert float(row["lung_volume_ml"]) > 0 and row["lung_volume_status"] == "ok"
+    record = json.loads((tmp_path / "out" / f"{row['scan_id']}.json").read_text())
+    assert record["run"]["precision"] == "fp32" and record["run"]["device"] == "cpu"
+    assert record["run"]["ctcovid"] == ctcovid.__version__ and record["run"]["torch"] and record["run"]["monai"]
 
 
 def test_predict_corrupt_scan_exit_code_and_summary(seg_only_bundles, tmp_path, capsys):

@@ -225,8 +225,8 @@ def test_severity_gate_and_missing_detection(test_bundles, tmp_path, shared_data
         os.symlink(test_bundles / name, variant / name)
     copy_configs(DET_BUNDLE, variant)  # configs, no weights
     with pytest.raises(MissingWeightsError, match=f"bundle {DET_BUNDLE}.*train"):
-        CTCovidPipeline(bundle_dir=variant, device="cpu")
-    pipe = CTCovidPipeline(bundle_dir=variant, device="cpu", skip_missing=True)  # severity="covid"
+        CTCovidPipeline(bundle_dir=variant, device="cpu", skip_missing=False)
+    pipe = CTCovidPipeline(bundle_dir=variant, device="cpu")  # skips what has no weights; severity="covid"
     result = pipe(data_path("fixtures", "lungmask_testdata"))
     assert result.status == "ok" and result.covid_probability is None and result.heatmap is None
     assert result.stages["detection"].startswith("skipped: no trained weights")

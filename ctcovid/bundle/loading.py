@@ -33,7 +33,7 @@ def _missing_weights(stage: str, bundle: str, bundle_dir: Path) -> MissingWeight
         f"{stage}: no trained weights in {bundle_dir / WEIGHTS_FILE} (bundle {bundle}). "
         f"Train it with `python -m monai.bundle run --config_file {bundle_dir / 'configs' / 'train.json'}` "
         f"(see {bundle_dir / 'docs' / 'README.md'}) and put the checkpoint at {WEIGHTS_FILE}, "
-        "or pass --skip-missing to run the other stages without it.",
+        "or leave out --require-all (skip_missing=True) to run the other stages without it.",
         bundle=bundle,
         stage=stage,
         bundle_dir=bundle_dir,

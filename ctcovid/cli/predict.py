@@ -91,11 +91,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--out", "-o", required=True, help="output folder (created)")
     add_pipeline_arguments(p)
-    p.add_argument(
-        "--skip-missing",
+    missing = p.add_mutually_exclusive_group()
+    missing.add_argument(
+        "--require-all",
         action="store_true",
-        help="run without the stages whose bundle has no trained weights (reported) instead of stopping",
+        help="stop (exit 3) if any stage's bundle has no trained weights, instead of running the others and "
+        "saying which did not run (the default)",
     )
+    missing.add_argument("--skip-missing", action="store_true", help=argparse.SUPPRESS)  # the default since 0.2
     p.add_argument("--allow-2d", action="store_true", help="accept single-slice inputs as 1-slice scans")
     p.set_defaults(func=run)
     return p
@@ -184,12 +187,12 @@ def discover(args):
 
 def predict_scans(args, scans, summary_name: str = "summary.csv", verbose: bool = True) -> int:
     """Load the pipeline and run it on ``scans``; returns the exit code."""
-    pipeline = build_pipeline(args, "predict", skip_missing=args.skip_missing, allow_2d=args.allow_2d)
+    pipeline = build_pipeline(args, "predict", skip_missing=not args.require_all, allow_2d=args.allow_2d)
     if isinstance(pipeline, int):
         return pipeline
     if verbose:
         for stage, why in pipeline.skipped_stages().items():
-            print(f"{stage}: {why}", file=sys.stderr)
+            print(f"{stage}: not run ({why})", file=sys.stderr)
     return run_and_report(args, "predict", scans, pipeline, summary_name=summary_name)
 
 

@@ -104,10 +104,11 @@ class CTCovidPipeline:
             them changes nothing visible. It sets the calling thread's FTZ/DAZ flags, which the intra-op
             worker threads inherit when they start after it (set before the first parallel op).
         severity: one of :data:`~ctcovid.ct.stages.severity.SEVERITY_MODES`.
-        skip_missing: stages whose bundle has no ``models/model.pt`` are skipped (reported in every
-            result) instead of raising :class:`~ctcovid.bundle.loading.MissingWeightsError`. The
-            slice filter is optional anyway (lung-mask area decides without it); the lung segmenter is
-            always required.
+        skip_missing: (default) stages whose bundle has no ``models/model.pt`` are skipped, and every
+            result says so (``stages``, ``summary.csv``'s ``*_status`` columns); ``False`` raises
+            :class:`~ctcovid.bundle.MissingWeightsError` instead (``ctcovid predict --require-all``), for
+            scripts that need every answer. The slice filter is optional anyway (lung-mask area decides
+            without it); the lung segmenter is always required.
         allow_2d: accept single-slice inputs (one DICOM file, one image) as 1-slice scans.
         covid_threshold: P(COVID-19) at or above which a scan is predicted COVID-19.
         gradcam: compute the Grad-CAM heat map of the detection ensemble.
@@ -131,7 +132,7 @@ class CTCovidPipeline:
         device: str | torch.device = "auto",
         batch_size: int | None = None,
         severity: str = "covid",
-        skip_missing: bool = False,
+        skip_missing: bool = True,
         allow_2d: bool = False,
         covid_threshold: float = 0.5,
         gradcam: bool = True,
@@ -246,6 +247,22 @@ class CTCovidPipeline:
             "precision": self.precision,
         }
 
+    def run_info(self) -> dict[str, Any]:
+        """How results are computed here (the ``run`` part of every record): device, precision, batch size
+        and the ctcovid / torch / MONAI versions."""
+        import monai
+
+        from ctcovid import __version__
+
+        return {
+            "device": str(self.device),
+            "precision": self.precision,
+            "batch_size": self.batch_size,
+            "ctcovid": __version__,
+            "torch": torch.__version__,
+            "monai": monai.__version__,
+        }
+
     def skipped_stages(self) -> dict[str, str]:
         """``{model key: why}`` for network stages that will not run for lack of weights."""
         return {key: m.skipped for key, m in self.models.items() if not m.available}
@@ -296,7 +313,11 @@ class CTCovidPipeline:
 
             scan_id = scan_name(Path(src)) if src else "scan"
         res = CTResult(
-            scan_id=scan_id, path=src, models=self.model_versions(), covid_threshold=self.covid_threshold
+            scan_id=scan_id,
+            path=src,
+            models=self.model_versions(),
+            covid_threshold=self.covid_threshold,
+            run=self.run_info(),
         )
         if read_seconds is not None:
             res.timings_s["read"] = read_seconds

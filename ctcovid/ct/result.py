@@ -37,6 +37,7 @@ class CTResult:
         severity_probabilities / severity_spread: per class, same convention; ``None`` when not graded.
         stages: per stage ``"ok"``, ``"skipped: <why>"`` or ``"not run: <why>"``.
         models: per stage ``{bundle, version, weights_sha256, status}``.
+        run: how the scan was computed: device, precision, batch size, ctcovid / torch / MONAI versions.
         timings_s: seconds per stage.
     """
 
@@ -70,6 +71,7 @@ class CTResult:
     timings_s: dict[str, float] = field(default_factory=dict)
     resume_key: str | None = None
     outputs: dict[str, str] = field(default_factory=dict)
+    run: dict[str, Any] = field(default_factory=dict)
     lung_mask: np.ndarray | None = field(default=None, repr=False)  # (X, Y, Z) uint8
     image: np.ndarray | None = field(default=None, repr=False)  # (X, Y, Z) float32 in [0, 1]
     heatmap: np.ndarray | None = field(default=None, repr=False)  # (X, Y) float32 in [0, 1]
@@ -129,6 +131,7 @@ class CTResult:
             "timings_s": {k: round(v, 4) for k, v in self.timings_s.items()},
             "outputs": dict(self.outputs),
             "resume_key": self.resume_key,
+            "run": dict(self.run),
             "ctcovid_version": __version__,
         }
 
@@ -188,9 +191,23 @@ class CTResult:
             )
         else:
             notes.append(f"no Grad-CAM ({self.stages.get('gradcam', 'not run')})")
+        notes.append(self._provenance_line())
         return " | ".join(parts), "; ".join(notes)
 
-    #: Fixed columns of ``summary.csv``; ``p_<class>`` severity columns follow, in class order.
+    def _provenance_line(self) -> str:
+        """``ctcovid 0.2.0, fp32 on cpu; models: ct_lung_segmentation 0.2.2 (d97b891e), ...`` (loaded ones)."""
+        run = self.run or {}
+        head = f"ctcovid {run.get('ctcovid', '?')}, {run.get('precision', '?')} on {run.get('device', '?')}"
+        models = [
+            f"{m.get('bundle')} {m.get('version')} ({str(m.get('weights_sha256') or '')[:8]})"
+            for m in self.models.values()
+            if str(m.get("status", "")).startswith("loaded")
+        ]
+        return f"{head}; models: {', '.join(models) or 'none'}"
+
+    #: Fixed columns of ``summary.csv``; ``p_<class>`` severity columns follow, in class order. Each value
+    #: that can be empty has a column saying why beside it (``reason`` for a failed scan; the ``*_status``
+    #: columns: ``ok``, ``skipped: <why>`` or ``not run: <why>``).
     SUMMARY_FIELDS: ClassVar[tuple[str, ...]] = (
         "scan_id",
         "path",
@@ -199,10 +216,13 @@ class CTResult:
         "slices_read",
         "slices_kept",
         "lung_volume_ml",
+        "lung_volume_status",
         "covid_probability",
         "covid_probability_spread",
         "prediction",
+        "detection_status",
         "severity",
+        "severity_status",
     )
 
     @staticmethod
@@ -216,42 +236,46 @@ class CTResult:
         return cls(scan_id=scan_id, path=path, status="failed", reason=reason, **fields)
 
     def summary_row(self) -> dict[str, Any]:
-        """One ``summary.csv`` row (key numbers; probabilities rounded to 4 decimals)."""
-        row: dict[str, Any] = {
-            "scan_id": self.scan_id,
-            "path": self.path,
-            "status": self.status,
-            "reason": self.reason,
-            "slices_read": self.slices_read,
-            "slices_kept": self.slices_kept if self.status == "ok" else None,
-            "lung_volume_ml": _round4(self.lung_volume_ml),
-            "covid_probability": _round4(self.covid_probability),
-            "covid_probability_spread": _round4(self.covid_probability_spread),
-            "prediction": self.prediction,
-            "severity": self.severity,
-        }
-        for name, p in (self.severity_probabilities or {}).items():
-            row[f"p_{name}"] = _round4(p)
-        return row
+        """One ``summary.csv`` row (key numbers; probabilities rounded to 4 decimals): the same row a
+        resumed run rebuilds from this result's record."""
+        return self.summary_row_from_record(self.to_dict(), self.scan_id, self.path, self.status, self.reason)
 
     @staticmethod
     def summary_row_from_record(record: dict, scan_id: str, path: str, status: str, reason: str) -> dict[str, Any]:
-        """The ``summary.csv`` row of a finished scan, rebuilt from its ``<id>.json`` record (resume)."""
+        """The ``summary.csv`` row of a scan from its ``<id>.json`` record (also on resume)."""
         det = record.get("detection") or {}
         sev = record.get("severity") or {}
         slices = record.get("slices") or {}
+        stages = record.get("stages") or {}
+        ok = status == "ok"
+
+        def stage_status(*names: str) -> str:
+            if not ok:
+                return "not run: the scan failed (see reason)"
+            return next((stages[n] for n in names if n in stages), "not run")
+
+        volume = record.get("lung_volume_ml")
+        if not ok:
+            volume_status = "not run: the scan failed (see reason)"
+        elif volume is None:
+            volume_status = "not computed: voxel spacing unknown (slice images); lung_voxels in the JSON record"
+        else:
+            volume_status = "ok"
         row = {
             "scan_id": scan_id,
             "path": path,
             "status": status,
             "reason": reason,
             "slices_read": slices.get("read"),
-            "slices_kept": slices.get("kept"),
-            "lung_volume_ml": _round4(record.get("lung_volume_ml")),
+            "slices_kept": slices.get("kept") if ok else None,
+            "lung_volume_ml": _round4(volume),
+            "lung_volume_status": volume_status,
             "covid_probability": _round4(det.get("covid_probability")),
             "covid_probability_spread": _round4(det.get("covid_probability_spread")),
             "prediction": det.get("prediction"),
+            "detection_status": stage_status("detection"),
             "severity": sev.get("grade"),
+            "severity_status": stage_status("severity"),
         }
         for name, p in (sev.get("probabilities") or {}).items():
             row[f"p_{name}"] = _round4(p)
