@@ -76,7 +76,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description=(
             "Read each scan, filter lung slices, segment the lungs, run the COVID-19 detection ensemble and the "
             "severity ensemble (on scans predicted COVID-19, or all with --severity always). Writes "
-            "<scan>.json, <scan>_lung_mask.nii.gz, <scan>_montage.png per scan and summary.csv into --out. "
+            "<scan>.json, <scan>_lung_mask.nii.gz, <scan>_montage.png (and <scan>_seg.dcm, a DICOM SEG, for DICOM "
+            "series) per scan and summary.csv into --out. "
             "A failing scan does not stop the run; re-running reuses the scans already done (summary.csv keeps "
             "their results, with reused=True)."
         ),

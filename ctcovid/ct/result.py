@@ -72,6 +72,7 @@ class CTResult:
     resume_key: str | None = None
     outputs: dict[str, str] = field(default_factory=dict)
     run: dict[str, Any] = field(default_factory=dict)
+    output_notes: dict[str, str] = field(default_factory=dict)
     lung_mask: np.ndarray | None = field(default=None, repr=False)  # (X, Y, Z) uint8
     image: np.ndarray | None = field(default=None, repr=False)  # (X, Y, Z) float32 in [0, 1]
     heatmap: np.ndarray | None = field(default=None, repr=False)  # (X, Y) float32 in [0, 1]
@@ -130,13 +131,15 @@ class CTResult:
             "models": dict(self.models),
             "timings_s": {k: round(v, 4) for k, v in self.timings_s.items()},
             "outputs": dict(self.outputs),
+            "output_notes": dict(self.output_notes),
             "resume_key": self.resume_key,
             "run": dict(self.run),
             "ctcovid_version": __version__,
         }
 
     def save(self, out_dir: str | os.PathLike, montage: bool = True) -> dict[str, Path]:
-        """Write ``<id>_lung_mask.nii.gz``, ``<id>_montage.png`` and then ``<id>.json`` into ``out_dir``.
+        """Write ``<id>_lung_mask.nii.gz``, for DICOM inputs ``<id>_seg.dcm`` (DICOM SEG), ``<id>_montage.png``
+        and then ``<id>.json`` into ``out_dir``.
 
         Each file is written atomically; the JSON goes last, so its presence means the others are complete
         (the resume check relies on that). A failed result writes only its JSON record.
@@ -152,6 +155,10 @@ class CTResult:
             written["lung_mask"] = write_nifti_atomic(
                 self.lung_mask.astype(np.uint8), self.affine, out / f"{self.scan_id}_lung_mask.nii.gz"
             )
+        if self.status == "ok" and self.source_format == "dicom" and self.lung_mask is not None:
+            seg = self._save_dicom_seg(out / f"{self.scan_id}_seg.dcm")
+            if seg is not None:
+                written["dicom_seg"] = seg
         if self.status == "ok" and montage and self.image is not None and self.lung_mask is not None:
             t = time.perf_counter()
             title, note = self._montage_heading()
@@ -170,6 +177,24 @@ class CTResult:
         self.outputs["record"] = f"{self.scan_id}.json"
         written["record"] = write_json_atomic(self.to_dict(), out / f"{self.scan_id}.json")
         return written
+
+    def _save_dicom_seg(self, path: Path) -> Path | None:
+        """The masks as a DICOM SEG referencing the source series; ``None`` (and why, in
+        ``output_notes``) when the series cannot be referenced. The SEG is an extra: its failure never
+        fails the scan, whose NIfTI mask is already written."""
+        from ctcovid.io.ct import dicom_series_files
+        from ctcovid.io.dicom_seg import write_dicom_seg
+
+        t = time.perf_counter()
+        try:
+            return write_dicom_seg({"lung": self.lung_mask}, dicom_series_files(self.path), path)
+        except Exception as e:  # noqa: BLE001 -- recorded with its type; the scan's other outputs stand
+            from ctcovid.io.errors import CTInputError
+
+            self.output_notes["dicom_seg"] = f"not written: {e if isinstance(e, CTInputError) else repr(e)}"
+            return None
+        finally:
+            self.timings_s["dicom_seg"] = time.perf_counter() - t
 
     def _montage_heading(self) -> tuple[str, str]:
         parts = [self.scan_id, f"{self.slices_kept}/{self.slices_read} slices kept ({self.slice_selection})"]

@@ -25,7 +25,7 @@ from ctcovid.io.errors import (
 from ctcovid.io.image_slices import IMAGE_EXTENSIONS, SLICES_AFFINE, read_image_slice, read_slice_stack
 from ctcovid.io.nifti import is_nifti, read_nifti
 
-__all__ = ["load_ct"]
+__all__ = ["dicom_series_files", "load_ct"]
 
 logger = logging.getLogger(__name__)
 
@@ -196,6 +196,33 @@ def _load_single_image(path: str, *, allow_2d: bool, domain: IntensityDomain | N
     return _slices_volume(arr.T[:, :, None], path, domain)
 
 
+def _dicom_headers(folder: str, candidates: list[str]) -> list[DicomHeader]:
+    """Headers of the DICOM files among ``candidates`` (others are skipped with a warning)."""
+    headers, skipped = [], []
+    for f in candidates:
+        h = read_header(f, claims_dicom=_suffix(f) in (".dcm", ".dicom"))
+        if h is None:
+            skipped.append(os.path.basename(f))
+        else:
+            headers.append(h)
+    if skipped:
+        logger.warning("%s: skipped %d non-DICOM file(s): %s", folder, len(skipped), skipped[:5])
+    return headers
+
+
+def dicom_series_files(path: str | os.PathLike) -> list[str]:
+    """The files of the DICOM series :func:`load_ct` reads from ``path`` (a series folder or one file), in
+    the volume's slice order (slice ``k`` of the volume is file ``k``): the same series choice and checks."""
+    src = os.fspath(path)
+    if not os.path.isdir(src):
+        return [src]
+    with os.scandir(src) as it:
+        files = sorted(e.path for e in it if e.is_file() and not e.name.startswith("."))
+    candidates = [f for f in files if _suffix(f) not in IMAGE_EXTENSIONS and not is_nifti(f) and _suffix(f) not in _NOT_IMAGES]
+    chosen, _ = choose_series(_dicom_headers(src, candidates), src)
+    return [h.path for h in check_series_geometry(chosen, src).headers]
+
+
 def _load_folder(
     folder: str, *, allow_2d: bool, domain: IntensityDomain | None, backend: Backend
 ) -> MetaTensor:
@@ -207,15 +234,7 @@ def _load_folder(
     niftis = [f for f in files if is_nifti(f)]
     candidates = [f for f in files if f not in images and f not in niftis and _suffix(f) not in _NOT_IMAGES]
 
-    headers, skipped = [], []
-    for f in candidates:
-        h = read_header(f, claims_dicom=_suffix(f) in (".dcm", ".dicom"))
-        if h is None:
-            skipped.append(os.path.basename(f))
-        else:
-            headers.append(h)
-    if skipped:
-        logger.warning("%s: skipped %d non-DICOM file(s): %s", folder, len(skipped), skipped[:5])
+    headers = _dicom_headers(folder, candidates)
     if headers:
         if images:
             logger.warning("%s: ignoring %d image file(s) next to the DICOM files", folder, len(images))

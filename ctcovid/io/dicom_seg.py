@@ -1,0 +1,143 @@
+"""DICOM Segmentation (SEG) output: a scan's masks as segments of one SEG object that references its source
+CT series, so results open in 3D Slicer, OHIF or a PACS next to the images they were computed on.
+
+Built with highdicom (the SEG encoding, UIDs and the references to the source instances are its job); what
+is ours is the mapping from the pipeline's ``(X, Y, Z)`` mask to DICOM frames: ``mask[:, :, k].T`` is the
+``(Rows, Columns)`` frame of source file ``k`` (the reader's array is ``pixel_array.T`` per slice, slices in
+the checked order, :mod:`ctcovid.io.dicom_decode`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ctcovid.io.atomic import atomic_write
+from ctcovid.io.errors import CTInputError
+
+__all__ = ["SEGMENT_CODES", "write_dicom_seg"]
+
+#: Type 2 patient/study attributes the SEG copies from its sources: anonymised exports often drop them; a
+#: missing one is supplied empty (Type 2 allows that) on the in-memory copy, never in the source files.
+_TYPE2_COPIED = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+)
+
+#: Segment label -> (category, type) as SNOMED CT ``(value, meaning)`` pairs.
+SEGMENT_CODES: dict[str, tuple[tuple[str, str], tuple[str, str]]] = {
+    "lung": (("91723000", "Anatomical Structure"), ("39607008", "Lung")),
+    "infection": (("49755003", "Morphologically Altered Structure"), ("52988006", "Lesion")),
+}
+
+
+def _coded(value_meaning: tuple[str, str]):
+    import highdicom as hd
+
+    value, meaning = value_meaning
+    return hd.sr.CodedConcept(value=value, scheme_designator="SCT", meaning=meaning)
+
+
+def _segment_description(number: int, label: str, version: str):
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    category, kind = SEGMENT_CODES[label]
+    return hd.seg.SegmentDescription(
+        segment_number=number,
+        segment_label=label,
+        segmented_property_category=_coded(category),
+        segmented_property_type=_coded(kind),
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=hd.AlgorithmIdentificationSequence(
+            name="ctcovid", version=version, family=codes.cid7162.ArtificialIntelligence
+        ),
+    )
+
+
+def _check_references(sources: Sequence, files: Sequence[str | os.PathLike]) -> None:
+    """A SEG points at its images by their UIDs and shares their frame of reference: refuse (naming the first
+    file at fault) a series whose export dropped them, rather than write a SEG no viewer can place."""
+    from pydicom.uid import UID
+
+    for keyword in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "FrameOfReferenceUID"):
+        for ds, f in zip(sources, files):
+            value = str(ds.get(keyword, "") or "")
+            if not value or not UID(value).is_valid:
+                what = f"an invalid {keyword} {value!r}" if value else f"no {keyword}"
+                raise CTInputError(
+                    f,
+                    f"has {what} (an anonymised export?): a DICOM SEG must reference its source images by "
+                    "their UIDs and frame of reference, so none is written; the NIfTI mask is complete",
+                )
+    uids = [str(ds.SOPInstanceUID) for ds in sources]
+    if len(set(uids)) != len(uids):
+        raise CTInputError(files[0], "repeats SOPInstanceUIDs across the series: a DICOM SEG cannot reference it")
+
+
+def write_dicom_seg(
+    masks: Mapping[str, np.ndarray],
+    source_files: Sequence[str | os.PathLike],
+    path: str | os.PathLike,
+    series_description: str = "ctcovid segmentation",
+) -> Path:
+    """Write ``masks`` as one binary DICOM SEG (atomically) that references ``source_files``.
+
+    Args:
+        masks: segment label (a key of :data:`SEGMENT_CODES`) -> ``(X, Y, Z)`` 0/1 array on the grid of the
+            source series; ``Z`` follows ``source_files``.
+        source_files: the series' DICOM files, slice ``k`` of the masks first to last.
+        path: the ``.dcm`` file to write.
+        series_description: the SEG series' description.
+
+    Raises:
+        CTInputError: a mask's shape does not match the source series (the message names the first file).
+    """
+    import highdicom as hd
+    import pydicom
+
+    from ctcovid import __version__
+
+    sources = [pydicom.dcmread(os.fspath(f), stop_before_pixels=True) for f in source_files]
+    _check_references(sources, source_files)
+    for ds in sources:
+        for keyword in _TYPE2_COPIED:
+            if keyword not in ds:
+                setattr(ds, keyword, "")
+    rows, cols = int(sources[0].Rows), int(sources[0].Columns)
+    frames = []
+    for label, mask in masks.items():
+        if label not in SEGMENT_CODES:
+            raise ValueError(f"unknown segment {label!r} (known: {sorted(SEGMENT_CODES)})")
+        if mask.shape != (cols, rows, len(sources)):
+            raise CTInputError(
+                source_files[0],
+                f"{label} mask {mask.shape} does not fit the series ({cols} columns, {rows} rows, {len(sources)} files)",
+            )
+        frames.append(np.transpose(np.asarray(mask) > 0, (2, 1, 0)))  # (Z, Rows, Columns)
+    seg = hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=np.stack(frames, axis=-1),  # (frames, rows, columns, segments)
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[_segment_description(i + 1, label, __version__) for i, label in enumerate(masks)],
+        series_instance_uid=hd.UID(),
+        series_number=9000,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="ctcovid",
+        manufacturer_model_name="ctcovid CT pipeline",
+        software_versions=__version__,
+        device_serial_number="none",
+        series_description=series_description,
+    )
+    return atomic_write(path, lambda tmp: seg.save_as(tmp))
