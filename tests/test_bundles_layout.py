@@ -28,6 +28,7 @@ REQUIRED_FILES = (
     "configs/multi_gpu_train.json",
     "configs/logging.conf",
     "docs/README.md",
+    "docs/data_license.txt",  # the model zoo's convention: the third-party data's terms
     "LICENSE",
 )
 
