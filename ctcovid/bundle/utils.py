@@ -26,11 +26,17 @@ META_SCHEMA_PATH = Path(__file__).with_name("meta_schema.json")
 
 
 def bundles_root() -> Path:
-    """Folder holding the bundles: ``$CTCOVID_BUNDLE_DIR`` if set, else ``bundles/`` of the source tree."""
+    """Folder holding the bundles: ``$CTCOVID_BUNDLE_DIR`` if set, else ``bundles/`` of the source tree (a
+    clone or an editable install), else the copy an installed wheel carries (``ctcovid/_bundles``, made by
+    setup.py's build step)."""
     env = os.environ.get("CTCOVID_BUNDLE_DIR")
     if env:
         return Path(env).expanduser().resolve()
-    return Path(__file__).resolve().parents[2] / "bundles"
+    here = Path(__file__).resolve()
+    source_tree = here.parents[2] / "bundles"
+    if (source_tree / BUNDLE_NAMES[0]).is_dir():
+        return source_tree
+    return here.parents[1] / "_bundles"
 
 
 def bundle_path(name: str) -> str:
