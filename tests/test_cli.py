@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import PROJECT_ROOT, data_path
 
@@ -160,9 +161,20 @@ def test_demo_subprocess(tmp_path):
             if shipped
             else (f"no trained weights shipped in {bundles_root() / bundle}" in text)
         )
-    rec = json.loads((out / "CT_small.json").read_text())
-    assert rec["status"] == "ok" and rec["slices"]["read"] == 1 and rec["scan"]["format"] == "dicom"
-    assert (out / "CT_small_montage.png").is_file() and (out / "CT_small_lung_mask.nii.gz").is_file()
+    rec = json.loads((out / "chest_ct_2_slices.json").read_text())
+    assert rec["status"] == "ok" and rec["slices"]["read"] == 2 and rec["scan"]["format"] == "dicom"
+    assert (out / "chest_ct_2_slices_montage.png").is_file()
+    # the built-in chest CT's mask holds both lungs: two large components, one each side of the midline
+    import nibabel as nib
+    from scipy import ndimage
+
+    mask = np.asarray(nib.load(out / "chest_ct_2_slices_lung_mask.nii.gz").dataobj)[:, :, 0] > 0
+    labels, n = ndimage.label(mask)
+    sizes = sorted(np.bincount(labels.ravel())[1:], reverse=True)
+    assert n >= 2 and sizes[1] > 0.3 * sizes[0] and sizes[1] > 5000  # two lungs of similar size (pixels)
+    centres = [ndimage.center_of_mass(labels == i)[0] for i in np.argsort(np.bincount(labels.ravel())[1:])[::-1][:2] + 1]
+    assert min(centres) < mask.shape[0] / 2 < max(centres)
+    assert 20 < rec["lung_volume_ml"] < 80  # 2 slices 1 mm apart of an adult chest at heart level
     with open(out / "summary.csv", newline="") as f:
         assert [r["status"] for r in csv.DictReader(f)] == ["ok"]
     assert Path(out).resolve().is_dir()

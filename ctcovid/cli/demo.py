@@ -1,10 +1,9 @@
 """``ctcovid demo``: the whole CT pipeline on a built-in real CT, no download, no data folder needed.
 
-The default input is ``CT_small.dcm``, a real 128x128 thoracic CT slice in HU ("downsized from NEMA WG04
-CT1_UNC") that ships inside the pydicom wheel, read as a one-slice scan. The other CT files pydicom ships
-are head CTs (``693_*``, ``J2K_pixelrep_mismatch``) and are not used: a chest model has nothing to say
-about them. Every stage with shipped weights runs; stages without weights are reported with how to train
-them, and the others still run.
+The default input is ``ctcovid/demo_data/chest_ct_2_slices``: two real, full 512x512 axial chest CT slices
+at heart level (both lungs, HU) from the lungmask project's test data, Apache-2.0 (source and licence in
+``ctcovid/demo_data/data_license.txt``), shipped inside the package. Every stage with shipped weights runs;
+stages without weights are reported with how to train them, and the others still run.
 """
 
 from __future__ import annotations
@@ -27,23 +26,21 @@ _STAGE_TITLES = {
 
 
 def demo_inputs() -> list[Path]:
-    """The built-in demo scans: pydicom's thoracic ``CT_small.dcm`` (found in the installed wheel)."""
-    from pydicom.data import get_testdata_file
-
-    path = get_testdata_file("CT_small.dcm", download=False)
-    if path is None:  # a pydicom build without its test files
-        raise FileNotFoundError("pydicom's CT_small.dcm is not installed with this pydicom")
-    return [Path(path)]
+    """The built-in demo scan: a two-slice chest CT DICOM series shipped inside the package."""
+    scan = Path(__file__).resolve().parents[1] / "demo_data" / "chest_ct_2_slices"
+    if not scan.is_dir():  # a broken install
+        raise FileNotFoundError(f"the built-in demo scan is missing: {scan}")
+    return [scan]
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "demo",
-        help="run the whole CT pipeline on a built-in real CT slice (no download) and show where outputs are",
+        help="run the whole CT pipeline on a built-in real chest CT (no download) and show where outputs are",
         description=(
-            "Runs every CT stage that has shipped weights on pydicom's CT_small.dcm (a real thoracic CT slice, "
-            "128x128, HU) read as a one-slice scan, says plainly which stages have no weights and how to train "
-            "them, and prints where the outputs are."
+            "Runs every CT stage that has shipped weights on a built-in real chest CT (two 512x512 slices at "
+            "heart level, HU; Apache-2.0, see ctcovid/demo_data/data_license.txt), says plainly which stages "
+            "have no weights and how to train them, and prints where the outputs are."
         ),
     )
     p.add_argument("--out", "-o", default=DEFAULT_OUT, help=f"output folder (default: ./{DEFAULT_OUT})")
@@ -59,7 +56,7 @@ def run(args) -> int:
         error("demo", str(e))
         return EXIT_SCANS_FAILED
     print(
-        f"ctcovid demo: input {inputs[0]} (real thoracic CT slice shipped with pydicom, read as a 1-slice scan)"
+        f"ctcovid demo: input {inputs[0]} (real chest CT, 2 axial slices at heart level, built in)"
     )
     pipeline = build_pipeline(args, "demo", skip_missing=True, allow_2d=True)
     if isinstance(pipeline, int):
