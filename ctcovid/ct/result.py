@@ -273,15 +273,14 @@ class CTResult:
         slices = record.get("slices") or {}
         stages = record.get("stages") or {}
         ok = status == "ok"
+        not_run = "not run: the scan failed (see reason)"
 
-        def stage_status(*names: str) -> str:
-            if not ok:
-                return "not run: the scan failed (see reason)"
-            return next((stages[n] for n in names if n in stages), "not run")
+        def stage_status(name: str) -> str:
+            return stages.get(name, "not run") if ok else not_run
 
         volume = record.get("lung_volume_ml")
         if not ok:
-            volume_status = "not run: the scan failed (see reason)"
+            volume_status = not_run
         elif volume is None:
             volume_status = "not computed: voxel spacing unknown (slice images); lung_voxels in the JSON record"
         else:

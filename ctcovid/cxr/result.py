@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from ctcovid.running.batch import SUMMARY_NAME  # one name for every run's summary
+
 __all__ = ["FINAL_LABELS", "SUMMARY_FIELDS", "SUMMARY_NAME", "CXRResult"]
 
 #: Final labels of the cascade, in the class order of :func:`evaluate_cascade`.
 FINAL_LABELS = ("normal", "bacterial", "viral-other", "COVID-19")
-SUMMARY_NAME = "summary.csv"
 SUMMARY_FIELDS = (
     "id",
     "image",

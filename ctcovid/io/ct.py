@@ -196,6 +196,11 @@ def _load_single_image(path: str, *, allow_2d: bool, domain: IntensityDomain | N
     return _slices_volume(arr.T[:, :, None], path, domain)
 
 
+def _may_be_dicom(path: str) -> bool:
+    """Not a slice image, a NIfTI file or a known non-image file: worth reading a DICOM header from."""
+    return _suffix(path) not in IMAGE_EXTENSIONS and not is_nifti(path) and _suffix(path) not in _NOT_IMAGES
+
+
 def _dicom_headers(folder: str, candidates: list[str]) -> list[DicomHeader]:
     """Headers of the DICOM files among ``candidates`` (others are skipped with a warning)."""
     headers, skipped = [], []
@@ -218,8 +223,7 @@ def dicom_series_files(path: str | os.PathLike) -> list[str]:
         return [src]
     with os.scandir(src) as it:
         files = sorted(e.path for e in it if e.is_file() and not e.name.startswith("."))
-    candidates = [f for f in files if _suffix(f) not in IMAGE_EXTENSIONS and not is_nifti(f) and _suffix(f) not in _NOT_IMAGES]
-    chosen, _ = choose_series(_dicom_headers(src, candidates), src)
+    chosen, _ = choose_series(_dicom_headers(src, [f for f in files if _may_be_dicom(f)]), src)
     return [h.path for h in check_series_geometry(chosen, src).headers]
 
 
@@ -232,9 +236,8 @@ def _load_folder(
     n_dirs = sum(1 for e in entries if e.is_dir())
     images = [f for f in files if _suffix(f) in IMAGE_EXTENSIONS]
     niftis = [f for f in files if is_nifti(f)]
-    candidates = [f for f in files if f not in images and f not in niftis and _suffix(f) not in _NOT_IMAGES]
 
-    headers = _dicom_headers(folder, candidates)
+    headers = _dicom_headers(folder, [f for f in files if _may_be_dicom(f)])
     if headers:
         if images:
             logger.warning("%s: ignoring %d image file(s) next to the DICOM files", folder, len(images))

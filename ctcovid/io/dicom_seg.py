@@ -65,13 +65,17 @@ def _segment_description(number: int, label: str, version: str):
     )
 
 
-def _check_references(sources: Sequence, files: Sequence[str | os.PathLike]) -> None:
-    """A SEG points at its images by their UIDs and shares their frame of reference: refuse (naming the first
-    file at fault) a series whose export dropped them, rather than write a SEG no viewer can place."""
+def _read_referencable(files: Sequence[str | os.PathLike]) -> list:
+    """The files' headers, each checked as it is read (a refused series stops at its first file): a SEG
+    points at its images by their UIDs and shares their frame of reference, so a series whose export dropped
+    them is refused, naming the file, rather than given a SEG no viewer can place."""
+    import pydicom
     from pydicom.uid import UID
 
-    for keyword in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "FrameOfReferenceUID"):
-        for ds, f in zip(sources, files):
+    sources = []
+    for f in files:
+        ds = pydicom.dcmread(os.fspath(f), stop_before_pixels=True)
+        for keyword in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "FrameOfReferenceUID"):
             value = str(ds.get(keyword, "") or "")
             if not value or not UID(value).is_valid:
                 what = f"an invalid {keyword} {value!r}" if value else f"no {keyword}"
@@ -80,9 +84,11 @@ def _check_references(sources: Sequence, files: Sequence[str | os.PathLike]) -> 
                     f"has {what} (an anonymised export?): a DICOM SEG must reference its source images by "
                     "their UIDs and frame of reference, so none is written; the NIfTI mask is complete",
                 )
+        sources.append(ds)
     uids = [str(ds.SOPInstanceUID) for ds in sources]
     if len(set(uids)) != len(uids):
         raise CTInputError(files[0], "repeats SOPInstanceUIDs across the series: a DICOM SEG cannot reference it")
+    return sources
 
 
 def write_dicom_seg(
@@ -104,12 +110,10 @@ def write_dicom_seg(
         CTInputError: a mask's shape does not match the source series (the message names the first file).
     """
     import highdicom as hd
-    import pydicom
 
     from ctcovid import __version__
 
-    sources = [pydicom.dcmread(os.fspath(f), stop_before_pixels=True) for f in source_files]
-    _check_references(sources, source_files)
+    sources = _read_referencable(source_files)
     for ds in sources:
         for keyword in _TYPE2_COPIED:
             if keyword not in ds:
