@@ -35,8 +35,9 @@ def data_path(*parts: str) -> Path:
 
 @pytest.fixture(scope="session")
 def seg_only_bundles(tmp_path_factory) -> Path:
-    """The shipped lung segmenter (linked, read-only) and the other CT bundles' configs without weights:
-    cheap to load, and every weightless stage is skipped or refused as a user would see it."""
+    """The shipped lung and lesion segmenters (linked, read-only; the lesion one when its weights ship) and
+    the other CT bundles' configs without weights: a fresh checkout as a user gets it, every weightless
+    stage skipped or refused as a user would see it."""
     from ctcovid.bundle import bundles_root
 
     seg = bundles_root() / "ct_lung_segmentation"
@@ -44,6 +45,12 @@ def seg_only_bundles(tmp_path_factory) -> Path:
         pytest.skip(f"the lung segmenter has no shipped weights yet ({seg / 'models' / 'model.pt'})")
     root = tmp_path_factory.mktemp("seg_only_bundles")
     os.symlink(seg, root / seg.name)
+    lesion = bundles_root() / "ct_lung_infection_segmentation"
+    if (lesion / "models" / "model.pt").is_file():
+        os.symlink(lesion, root / lesion.name)
+    else:
+        shutil.copytree(lesion / "configs", root / lesion.name / "configs")
+        (root / lesion.name / "models").mkdir()
     for name in WEIGHTLESS_CT_BUNDLES:
         shutil.copytree(bundles_root() / name / "configs", root / name / "configs")
         (root / name / "models").mkdir()

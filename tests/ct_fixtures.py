@@ -1,6 +1,7 @@
 """CT pipeline fixtures shared by the pipeline tests (a pytest plugin: ``pytest_plugins`` in conftest.py).
 
-- the lung segmenter is the shipped, trained one (``bundles/ct_lung_segmentation/models/model.pt``);
+- the lung and lesion segmenters are the shipped, trained ones (``bundles/ct_lung_segmentation``,
+  ``bundles/ct_lung_infection_segmentation``);
 - the detection and severity ensembles have no trained weights, so tiny versions (fewer members, shallow
   stacks, small slices; same architecture) are saved with random features and a head whose bias sets each
   member's output. That makes the expected probabilities known: the tests check the plumbing (class index,
@@ -24,6 +25,7 @@ SEG_BUNDLE = "ct_lung_segmentation"
 DET_BUNDLE = "ct_covid_classification"
 SEV_BUNDLE = "ct_covid_severity_classification"
 FILTER_BUNDLE = "ct_lung_slice_filter"
+INFECTION_BUNDLE = "ct_lung_infection_segmentation"
 
 #: Biases of the detection members' heads: member i outputs softmax([0, b_i]) up to tiny random weights.
 DET_BIASES = (1.0, 2.0)
@@ -78,6 +80,10 @@ def test_bundles(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("bundles")
     shutil.copytree(bundles_root() / SEG_BUNDLE, root / SEG_BUNDLE)
     copy_configs(FILTER_BUNDLE, root)  # configs only: the mask-area rule decides
+    if (bundles_root() / INFECTION_BUNDLE / "models" / "model.pt").is_file():
+        shutil.copytree(bundles_root() / INFECTION_BUNDLE, root / INFECTION_BUNDLE)
+    else:
+        copy_configs(INFECTION_BUNDLE, root)  # the stage is then skipped, as on a checkout without weights
     det = copy_configs(DET_BUNDLE, root, {"num_members": 2, "depth": 8, "spatial_size": [64, 64]})
 
     def det_heads(net):

@@ -206,6 +206,19 @@ def test_clahe_raises_local_contrast_and_keeps_range(ieee_jpg):
     assert torch.equal(CLAHE()(flat), flat)
 
 
+def test_clahe_of_a_volume_equalises_each_slice_on_its_own(ieee_jpg):
+    """(C, H, W, D): slice k comes out as CLAHE of slice k alone (the CT lesion model's input)."""
+    x = load_xray(ieee_jpg)[:, 100:228, 100:228].as_tensor()
+    vol = torch.stack([x, 0.5 * x, torch.full_like(x, 0.2)], dim=-1)  # (1, 128, 128, 3)
+    out = CLAHE(clip_limit=0.02)(vol)
+    assert out.shape == vol.shape
+    for k in range(3):
+        assert torch.allclose(out[..., k], CLAHE(clip_limit=0.02)(vol[..., k]), atol=1e-6)
+    assert not torch.allclose(out[..., 0], vol[..., 0])
+    with pytest.raises(ValueError, match=r"\(C, H, W\) or volume"):
+        CLAHE()(torch.zeros(1, 1, 4, 4, 4))
+
+
 def test_rand_clahe_applies_to_a_fraction_prob(ieee_jpg):
     crop = load_xray(ieee_jpg)[:, 200:248, 200:248].as_tensor()
     t = RandCLAHEd(keys="image", prob=0.4, kernel_size=16)

@@ -75,8 +75,16 @@ def test_dicom_seg_reads_back_equal_to_the_nifti_mask(seg_run, complete_series):
     assert seg.FrameOfReferenceUID == uids["FrameOfReferenceUID"]
     assert [s.SeriesInstanceUID for s in seg.ReferencedSeriesSequence] == [uids["SeriesInstanceUID"]]
     assert seg.SeriesInstanceUID != uids["SeriesInstanceUID"]  # a new series of its own
-    assert [(s.SegmentNumber, s.SegmentLabel) for s in seg.SegmentSequence] == [(1, "lung")]
+    assert [(s.SegmentNumber, s.SegmentLabel) for s in seg.SegmentSequence] == [(1, "lung"), (2, "infection")]
     assert seg.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0].CodeValue == "39607008"  # SCT lung
+    assert seg.SegmentSequence[1].SegmentedPropertyTypeCodeSequence[0].CodeValue == "52988006"  # SCT lesion
+    lesions = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=[ds.SOPInstanceUID for ds in sources],
+        segment_numbers=[2],
+        assert_missing_frames_are_empty=True,
+    )[..., 0].transpose(2, 1, 0) > 0
+    nifti_lesions = np.asarray(nib.load(seg_run / "normal002_complete_infection_mask.nii.gz").dataobj) > 0
+    assert np.array_equal(lesions, nifti_lesions)
     # each stored frame sits where its source slice is (viewers place a SEG by position)
     by_uid = {ds.SOPInstanceUID: ds for ds in sources}
     for group in seg.PerFrameFunctionalGroupsSequence[:5]:

@@ -114,6 +114,7 @@ def test_ct_stage_list_matches_the_documented_order():
         "slice_filter",
         "segmentation",
         "slice_selection",
+        "infection",
         "detection",
         "severity",
     ]
@@ -122,6 +123,8 @@ def test_ct_stage_list_matches_the_documented_order():
         "slice_filter",
         "segmentation",
         "mask_cleanup",
+        "infection",
+        "involvement",
         "volume_building",
         "detection",
         "gradcam",
@@ -130,6 +133,7 @@ def test_ct_stage_list_matches_the_documented_order():
     assert DEFAULT_BUNDLES == {
         "slice_filter": "ct_lung_slice_filter",
         "segmentation": "ct_lung_segmentation",
+        "infection": "ct_lung_infection_segmentation",
         "detection": "ct_covid_classification",
         "severity": "ct_covid_severity_classification",
     }

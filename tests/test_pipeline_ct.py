@@ -23,6 +23,7 @@ from ct_fixtures import (
     DET_BIASES,
     DET_BUNDLE,
     FILTER_BUNDLE,
+    INFECTION_BUNDLE,
     SEG_BUNDLE,
     SEV_BUNDLE,
     build_and_save,
@@ -221,7 +222,7 @@ def test_severity_gate_and_missing_detection(test_bundles, tmp_path, shared_data
 
     variant = tmp_path / "bundles"
     variant.mkdir()
-    for name in (SEG_BUNDLE, FILTER_BUNDLE, SEV_BUNDLE):
+    for name in (SEG_BUNDLE, FILTER_BUNDLE, SEV_BUNDLE, INFECTION_BUNDLE):
         os.symlink(test_bundles / name, variant / name)
     copy_configs(DET_BUNDLE, variant)  # configs, no weights
     with pytest.raises(MissingWeightsError, match=f"bundle {DET_BUNDLE}.*train"):

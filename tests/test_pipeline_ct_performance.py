@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import data_path
-from ct_fixtures import DET_BUNDLE, SEG_BUNDLE, SEV_BUNDLE
+from ct_fixtures import DET_BUNDLE, INFECTION_BUNDLE, SEG_BUNDLE, SEV_BUNDLE
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -50,7 +50,12 @@ def test_channels_last_and_batch_size_do_not_change_results(pipeline, test_bundl
     assert default.batch_size == DEFAULT_BATCH_SIZE["cpu"]["fp32"]
     bundle_says = {
         s: bool(json.loads((test_bundles / b / "configs" / "inference.json").read_text())["channels_last"])
-        for s, b in (("segmentation", SEG_BUNDLE), ("detection", DET_BUNDLE), ("severity", SEV_BUNDLE))
+        for s, b in (
+            ("segmentation", SEG_BUNDLE),
+            ("infection", INFECTION_BUNDLE),
+            ("detection", DET_BUNDLE),
+            ("severity", SEV_BUNDLE),
+        )
     }
     assert default.channels_last == bundle_says  # the slice filter has no weights here
     conv = next(m for m in default.segmenter.network.modules() if isinstance(m, torch.nn.Conv2d))
@@ -69,10 +74,13 @@ def test_channels_last_and_batch_size_do_not_change_results(pipeline, test_bundl
     def batchnorms(p):
         return sum(isinstance(m, torch.nn.BatchNorm2d) for m in p.segmenter.network.modules())
 
-    assert default.folded_batchnorms == {"segmentation": 22} and flipped.folded_batchnorms == {"segmentation": 0}
+    # both slice segmenters (lungs, lesions) are the same Attention U-Net: 22 batch norms each
+    assert default.folded_batchnorms == {"segmentation": 22, "infection": 22}
+    assert flipped.folded_batchnorms == {"segmentation": 0, "infection": 0}
     assert batchnorms(default) == batchnorms(flipped) - 22
     ref, res = pipeline(scan), flipped(scan)  # pipeline: batch 8 with the bundles' formats
     assert _dice(ref.lung_mask, res.lung_mask) > 0.9999
+    assert ref.infection_mask.sum() > 0 and _dice(ref.infection_mask, res.infection_mask) > 0.99
     assert abs(ref.covid_probability - res.covid_probability) < 1e-4
     for name, p in ref.severity_probabilities.items():
         assert abs(p - res.severity_probabilities[name]) < 1e-4
@@ -87,6 +95,8 @@ def test_stage_progress_and_volume_building_timing(pipeline, shared_data):
         "normalize",
         "segmentation",
         "mask_cleanup",
+        "infection",
+        "involvement",
         "volume_building",
         "detection",
         "gradcam",

@@ -10,6 +10,7 @@ from pathlib import Path
 BUNDLE_NAMES = (
     "ct_lung_slice_filter",
     "ct_lung_segmentation",
+    "ct_lung_infection_segmentation",
     "ct_covid_classification",
     "ct_covid_severity_classification",
     "cxr_lung_segmentation",

@@ -20,6 +20,7 @@ DEFAULT_OUT = "ctcovid_demo_output"
 _STAGE_TITLES = {
     "slice_filter": "slice filter",
     "segmentation": "lung segmentation",
+    "infection": "lesion segmentation (involvement, CT grade)",
     "detection": "COVID-19 detection",
     "severity": "severity grading",
 }
@@ -63,7 +64,7 @@ def run(args) -> int:
         return pipeline
     skipped = pipeline.skipped_stages()
     for stage, model in pipeline.models.items():
-        title = _STAGE_TITLES[stage]
+        title = _STAGE_TITLES.get(stage, stage)
         if stage in skipped:
             extra = " -> the lung-mask area decides which slices are lung" if stage == "slice_filter" else ""
             print(f"  {title}: {skipped[stage]}{extra}")
@@ -105,6 +106,17 @@ def _print_record(data: dict, out: Path) -> None:
             "skipped (no trained weights, see above)" if status.startswith("skipped: no trained") else status
         )
 
+    inf = data.get("infection")
+    if inf:
+        ml = inf.get("infection_volume_ml")
+        pct = inf.get("lung_involvement_percent")
+        print(
+            f"  lesions {'unknown volume' if ml is None else f'{ml:.1f} ml'}, lung involvement "
+            f"{'unknown' if pct is None else f'{pct:.1f}%'} -> {inf['ct_severity_grade']} "
+            f"(from {inf['ct_severity_source']})"
+        )
+    else:
+        print(f"  lesions: {why('infection')}")
     det = data.get("detection")
     if det:
         print(

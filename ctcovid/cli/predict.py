@@ -157,9 +157,29 @@ def run_and_report(args, command: str, inputs, pipeline, summary_name: str = "su
         f"Outputs in {report.out_dir.resolve()} (summary: {report.summary_path.name})"
     )
     for row in report.rows:
-        if row["status"] == "failed":
-            print(f"  failed: {row['scan_id']}: {row['reason']}")
+        print(scan_line(row))
     return EXIT_SCANS_FAILED if report.failed else EXIT_OK
+
+
+def scan_line(row: dict) -> str:
+    """One console line per scan from its summary row: lung volume, involvement and grade (or why not)."""
+    if row.get("status") == "failed":
+        return f"  failed: {row['scan_id']}: {row['reason']}"
+
+    def num(key: str) -> float | None:  # a report row holds numbers, a row read back from the CSV strings
+        v = row.get(key)
+        return None if v in (None, "") else float(v)
+
+    vol = num("lung_volume_ml")
+    parts = [f"lung {vol:.0f} ml" if vol is not None else "lung volume unknown (no voxel spacing)"]
+    pct = num("lung_involvement_percent")
+    if pct is not None:
+        parts.append(f"involvement {pct:.1f}% ({row.get('ct_severity_grade')})")
+    else:
+        parts.append(f"involvement not measured ({row.get('infection_status')})")
+    if row.get("prediction"):
+        parts.append(f"P(COVID-19) {num('covid_probability'):.3f} -> {row['prediction']}")
+    return f"  {row['scan_id']}: " + ", ".join(parts)
 
 
 def run(args) -> int:

@@ -102,6 +102,10 @@ class ScanContext:
         """``(C, X, Y, Z)`` -> ``(C, X, Y, K)``: the kept lung slices of ``volume`` (see :func:`take_slices`)."""
         return take_slices(volume, self.result.kept_slices)
 
+    def lung_mask_changed(self) -> None:
+        """Forget the cached :attr:`kept_mask` after a stage changed ``result.lung_mask``."""
+        self._kept_mask = None
+
     @property
     def kept_mask(self) -> torch.Tensor:
         """``(1, X, Y, K)`` uint8 lung mask of the kept slices (once the lungs and slices are known)."""

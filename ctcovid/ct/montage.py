@@ -1,4 +1,5 @@
-"""PNG montage of a scan's kept lung slices with the lung contour and the Grad-CAM heat map.
+"""PNG montage of a scan's kept lung slices with the lung contour, the lesions (infection mask) and the
+Grad-CAM heat map.
 
 Drawn with matplotlib's object API on an Agg canvas (no pyplot state, safe in worker threads) and written
 atomically. Slices are shown in radiological convention when the affine says how: patient anterior up,
@@ -51,13 +52,27 @@ def display_slice(plane: np.ndarray, affine: np.ndarray | None) -> np.ndarray:
     return np.ascontiguousarray(out)
 
 
-def pick_montage_slices(kept: Sequence[int], max_tiles: int = 16) -> list[int]:
-    """At most ``max_tiles`` of the kept slice indices, evenly spread (first and last included)."""
+def pick_montage_slices(
+    kept: Sequence[int], max_tiles: int = 16, lesion_area: Sequence[float] | None = None
+) -> list[int]:
+    """At most ``max_tiles`` of the kept slice indices, in slice order.
+
+    Without ``lesion_area`` (or with no lesion) they are evenly spread, first and last included. With
+    ``lesion_area`` (per kept slice, e.g. infection voxels), half the tiles go to the slices with the
+    most lesion, the rest are spread evenly over the remaining slices, so lesions are seen in context.
+    """
     kept = list(kept)
     if len(kept) <= max_tiles:
         return kept
-    idx = np.linspace(0, len(kept) - 1, max_tiles).round().astype(int)
-    return [kept[i] for i in dict.fromkeys(idx.tolist())]
+    chosen: set[int] = set()
+    if lesion_area is not None and np.any(np.asarray(lesion_area) > 0):
+        area = np.asarray(lesion_area, dtype=np.float64)
+        top = [i for i in np.argsort(-area, kind="stable")[: max_tiles // 2] if area[i] > 0]
+        chosen.update(int(i) for i in top)
+    rest = [i for i in range(len(kept)) if i not in chosen]
+    need = max_tiles - len(chosen)
+    chosen.update(rest[j] for j in np.linspace(0, len(rest) - 1, need).round().astype(int))
+    return [kept[i] for i in sorted(chosen)]
 
 
 def save_montage_png(
@@ -67,6 +82,7 @@ def save_montage_png(
     slices: Sequence[int],
     affine: np.ndarray | None = None,
     heatmap: np.ndarray | None = None,
+    infection: np.ndarray | None = None,
     title: str = "",
     note: str = "",
     tile_inches: float = 2.4,
@@ -81,6 +97,7 @@ def save_montage_png(
         affine: 4x4 RAS affine of the volume, for radiological display orientation.
         heatmap: ``(X, Y)`` Grad-CAM map in [0, 1] drawn over every tile (the detection ensemble sees the
             slices as channels of one 2D input, so it has one in-plane map per scan), or ``None``.
+        infection: ``(X, Y, Z)`` lesion mask, filled in translucent red with a red contour, or ``None``.
         title: first heading line (scan id, prediction ...).
         note: second heading line (what is missing, e.g. "detection skipped: ...").
     """
@@ -119,6 +136,13 @@ def save_montage_png(
         m = display_slice(np.asarray(mask[:, :, k]) > 0, affine).astype(np.float32)
         if m.any() and not m.all():
             ax.contour(m, levels=[0.5], colors="lime", linewidths=0.8)
+        if infection is not None:
+            les = display_slice(np.asarray(infection[:, :, k]) > 0, affine)
+            if les.any():
+                rgba = np.zeros((*les.shape, 4), dtype=np.float32)
+                rgba[les] = (1.0, 0.1, 0.1, 0.45)
+                ax.imshow(rgba, interpolation="nearest")
+                ax.contour(les.astype(np.float32), levels=[0.5], colors="red", linewidths=0.6)
         ax.set_title(f"slice {k}", fontsize=8)
     if not slices:
         fig.axes[0].text(

@@ -8,6 +8,7 @@ per stage under :mod:`ctcovid.ct.stages`)::
     slice_filter     ResNeXt-50 per slice -> P(lung slice)            (bundle ct_lung_slice_filter, optional)
     segmentation     Attention U-Net per slice + 3D clean-up -> mask  (bundle ct_lung_segmentation)
     slice_selection  kept slices: filter probabilities, or lung-mask area without the filter
+    infection        U-Net per kept slice -> lesion mask, involvement per lung, CT-0..4 (ct_lung_infection_segmentation)
     detection        kept slices stacked -> P(COVID-19), spread, Grad-CAM (bundle ct_covid_classification)
     severity         lung-masked 32 + 16 slice stacks -> P(mild..critical) (bundle ct_covid_severity_classification)
 
@@ -39,6 +40,7 @@ from .network_runner import PRECISIONS, NetworkRunner
 from .result import CTResult
 from .stages import (
     DetectionStage,
+    InfectionSegmentationStage,
     LungSegmentationStage,
     SeverityStage,
     SliceFilterStage,
@@ -61,6 +63,7 @@ STAGE_TYPES: tuple[type[Stage], ...] = (
     SliceFilterStage,
     LungSegmentationStage,
     SliceSelectionStage,
+    InfectionSegmentationStage,
     DetectionStage,
     SeverityStage,
 )
@@ -223,6 +226,10 @@ class CTCovidPipeline:
     @property
     def grader(self) -> StageModel:
         return self.models["severity"]
+
+    @property
+    def infection_segmenter(self) -> StageModel:
+        return self.models["infection"]
 
     def stage(self, name: str) -> Stage:
         """The stage called ``name`` (e.g. ``"segmentation"``)."""

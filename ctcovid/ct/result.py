@@ -32,6 +32,9 @@ class CTResult:
         slice_selection: ``"slice_filter"`` (ResNeXt) or ``"lung_mask_area"`` (fallback without its weights).
         lung_volume_ml: lung mask voxel count x voxel volume / 1000 (``None`` when spacing is unknown,
             e.g. slice-image folders, where ``lung_voxels`` still counts the mask).
+        infection_volume_ml / lung_involvement_percent / lungs: lesion volume, its share of the lung (both
+            lungs and ``lungs["right"|"left"]``); ``ct_severity_grade`` CT-0..CT-4 from the involvement
+            (``ct_severity_source``). ``None`` when the infection stage did not run.
         covid_probability / covid_probability_spread: mean and population standard deviation over the
             detection members of P(COVID-19); ``None`` when detection was skipped.
         severity_probabilities / severity_spread: per class, same convention; ``None`` when not graded.
@@ -66,6 +69,15 @@ class CTResult:
     severity_spread: dict[str, float] | None = None
     severity: str | None = None
     gradcam_layer: str | None = None
+    infection_voxels: int | None = None
+    infection_volume_ml: float | None = None
+    lung_involvement_percent: float | None = None
+    lungs: dict[str, dict] | None = None
+    lung_mask_added_voxels: int | None = None
+    lesion_found: bool | None = None
+    min_involvement_percent: float | None = None
+    ct_severity_grade: str | None = None
+    ct_severity_source: str | None = None
     stages: dict[str, str] = field(default_factory=dict)
     models: dict[str, dict] = field(default_factory=dict)
     timings_s: dict[str, float] = field(default_factory=dict)
@@ -74,6 +86,7 @@ class CTResult:
     run: dict[str, Any] = field(default_factory=dict)
     output_notes: dict[str, str] = field(default_factory=dict)
     lung_mask: np.ndarray | None = field(default=None, repr=False)  # (X, Y, Z) uint8
+    infection_mask: np.ndarray | None = field(default=None, repr=False)  # (X, Y, Z) uint8
     image: np.ndarray | None = field(default=None, repr=False)  # (X, Y, Z) float32 in [0, 1]
     heatmap: np.ndarray | None = field(default=None, repr=False)  # (X, Y) float32 in [0, 1]
     affine: np.ndarray | None = field(default=None, repr=False)  # (4, 4) index -> RAS mm
@@ -103,6 +116,21 @@ class CTResult:
                 "probabilities": self.severity_probabilities,
                 "spread": self.severity_spread,
             }
+        infection = None
+        if self.infection_voxels is not None:
+            voxel_ml = float(np.prod(self.spacing_mm)) / 1000.0 if self.spacing_known else None
+            infection = {
+                "infection_voxels": self.infection_voxels,
+                "infection_volume_ml": self.infection_volume_ml,
+                "lung_involvement_percent": self.lung_involvement_percent,
+                "lungs": self.lungs,
+                "lesion_found": self.lesion_found,
+                "min_involvement_percent": self.min_involvement_percent,
+                "ct_severity_grade": self.ct_severity_grade,
+                "ct_severity_source": self.ct_severity_source,
+                "lung_mask_added_ml": None if voxel_ml is None else self.lung_mask_added_voxels * voxel_ml,
+                "lung_mask_added_voxels": self.lung_mask_added_voxels,
+            }
         return {
             "scan": {
                 "id": self.scan_id,
@@ -125,6 +153,7 @@ class CTResult:
             },
             "lung_voxels": self.lung_voxels,
             "lung_volume_ml": self.lung_volume_ml,
+            "infection": infection,
             "detection": detection,
             "severity": severity,
             "stages": dict(self.stages),
@@ -155,6 +184,10 @@ class CTResult:
             written["lung_mask"] = write_nifti_atomic(
                 self.lung_mask.astype(np.uint8), self.affine, out / f"{self.scan_id}_lung_mask.nii.gz"
             )
+        if self.status == "ok" and self.infection_mask is not None and self.affine is not None:
+            written["infection_mask"] = write_nifti_atomic(
+                self.infection_mask.astype(np.uint8), self.affine, out / f"{self.scan_id}_infection_mask.nii.gz"
+            )
         if self.status == "ok" and self.source_format == "dicom" and self.lung_mask is not None:
             seg = self._save_dicom_seg(out / f"{self.scan_id}_seg.dcm")
             if seg is not None:
@@ -166,9 +199,10 @@ class CTResult:
                 out / f"{self.scan_id}_montage.png",
                 self.image,
                 self.lung_mask,
-                pick_montage_slices(self.kept_slices),
+                pick_montage_slices(self.kept_slices, lesion_area=self._lesion_area()),
                 affine=self.affine,
                 heatmap=self.heatmap,
+                infection=self.infection_mask,
                 title=title,
                 note=note,
             )
@@ -177,6 +211,11 @@ class CTResult:
         self.outputs["record"] = f"{self.scan_id}.json"
         written["record"] = write_json_atomic(self.to_dict(), out / f"{self.scan_id}.json")
         return written
+
+    def _lesion_area(self) -> list[int] | None:
+        if self.infection_mask is None:
+            return None
+        return [int(np.count_nonzero(self.infection_mask[:, :, k])) for k in self.kept_slices]
 
     def _save_dicom_seg(self, path: Path) -> Path | None:
         """The masks as a DICOM SEG referencing the source series; ``None`` (and why, in
@@ -187,7 +226,10 @@ class CTResult:
 
         t = time.perf_counter()
         try:
-            return write_dicom_seg({"lung": self.lung_mask}, dicom_series_files(self.path), path)
+            masks = {"lung": self.lung_mask}
+            if self.infection_mask is not None:
+                masks["infection"] = self.infection_mask
+            return write_dicom_seg(masks, dicom_series_files(self.path), path)
         except Exception as e:  # noqa: BLE001 -- recorded with its type; the scan's other outputs stand
             from ctcovid.io.errors import CTInputError
 
@@ -204,9 +246,15 @@ class CTResult:
             parts.append(
                 f"P(COVID-19) {self.covid_probability:.3f} ± {self.covid_probability_spread:.3f} -> {self.prediction}"
             )
+        if self.lung_involvement_percent is not None:
+            parts.append(f"involvement {self.lung_involvement_percent:.1f}% ({self.ct_severity_grade})")
         if self.severity is not None:
             parts.append(f"severity {self.severity}")
         notes = ["green: lung contour"]
+        if self.infection_mask is not None:
+            notes.append("red: lesions (infection mask)")
+        else:
+            notes.append(f"no lesion mask ({self.stages.get('infection', 'not run')})")
         if self.heatmap is not None:
             notes.append("colour: Grad-CAM of the detection ensemble (mean over members, one map per scan)")
         elif self.stages.get("detection", "").startswith("skipped"):
@@ -242,6 +290,9 @@ class CTResult:
         "slices_kept",
         "lung_volume_ml",
         "lung_volume_status",
+        "lung_involvement_percent",
+        "ct_severity_grade",
+        "infection_status",
         "covid_probability",
         "covid_probability_spread",
         "prediction",
@@ -269,6 +320,7 @@ class CTResult:
     def summary_row_from_record(record: dict, scan_id: str, path: str, status: str, reason: str) -> dict[str, Any]:
         """The ``summary.csv`` row of a scan from its ``<id>.json`` record (also on resume)."""
         det = record.get("detection") or {}
+        inf = record.get("infection") or {}
         sev = record.get("severity") or {}
         slices = record.get("slices") or {}
         stages = record.get("stages") or {}
@@ -294,6 +346,10 @@ class CTResult:
             "slices_kept": slices.get("kept") if ok else None,
             "lung_volume_ml": _round4(volume),
             "lung_volume_status": volume_status,
+            "lung_involvement_percent": None if inf.get("lung_involvement_percent") is None
+            else round(float(inf["lung_involvement_percent"]), 2),
+            "ct_severity_grade": inf.get("ct_severity_grade"),
+            "infection_status": stage_status("infection"),
             "covid_probability": _round4(det.get("covid_probability")),
             "covid_probability_spread": _round4(det.get("covid_probability_spread")),
             "prediction": det.get("prediction"),

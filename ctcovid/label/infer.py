@@ -3,6 +3,8 @@
 - :class:`LungSegmentationInfer` (type ``segmentation``, so the Slicer module lists it): the lung mask as a
   0/1 label NIfTI in the study's own voxel grid (same shape and affine), and in the result JSON the
   COVID-19 probability with its member spread and the severity class probabilities.
+- :class:`LungInfectionSegmentationInfer` (type ``segmentation``): lung 1 and lesions 2 in one label NIfTI
+  (the lung includes its lesions), with lung involvement, per-lung numbers and the CT-0..CT-4 grade.
 - :class:`CovidClassificationInfer` (type ``classification``): the detection or the severity ensemble's
   result as JSON only, for clients that call the REST API directly.
 
@@ -28,12 +30,21 @@ from ctcovid.io.errors import CTInputError
 
 from .runner import PipelineRunner
 
-__all__ = ["CovidClassificationInfer", "CTPipelineInfer", "LungSegmentationInfer", "LUNG_LABELS"]
+__all__ = [
+    "CovidClassificationInfer",
+    "CTPipelineInfer",
+    "INFECTION_LABELS",
+    "LungInfectionSegmentationInfer",
+    "LungSegmentationInfer",
+    "LUNG_LABELS",
+]
 
 logger = logging.getLogger(__name__)
 
 #: Label values of the returned mask (what Slicer names the segments by).
 LUNG_LABELS = {"lung": 1}
+#: Label values of the lung + lesion map (a lesion voxel is lung too; it is labelled 2).
+INFECTION_LABELS = {"lung": 1, "infection": 2}
 
 
 class CTPipelineInfer(InferTask):
@@ -93,6 +104,8 @@ class CTPipelineInfer(InferTask):
             reasons["detection"] = result.stages.get("detection", "not run")
         if result.severity_probabilities is None:
             reasons["severity"] = result.stages.get("severity", "not run")
+        if result.lung_involvement_percent is None:
+            reasons["infection"] = result.stages.get("infection", "not run")
         return {
             "covid_probability": result.covid_probability,
             "covid_probability_spread": result.covid_probability_spread,
@@ -104,6 +117,11 @@ class CTPipelineInfer(InferTask):
             "severity": result.severity,
             "reasons": reasons,
             "lung_volume_ml": result.lung_volume_ml,
+            "infection_volume_ml": result.infection_volume_ml,
+            "lung_involvement_percent": result.lung_involvement_percent,
+            "lungs": result.lungs,
+            "ct_severity_grade": result.ct_severity_grade,
+            "ct_severity_source": result.ct_severity_source,
             "slices_kept": result.slices_kept,
             "slices_read": result.slices_read,
             "record": record,
@@ -148,6 +166,50 @@ class LungSegmentationInfer(CTPipelineInfer):
         write_nifti_atomic(result.lung_mask.astype("uint8"), result.affine, out)
         write_s = time.perf_counter() - t0
         answer = {"label_names": dict(LUNG_LABELS), **self.summary(result), "cached": cached}
+        answer["latencies"] = _latencies(result, seconds, write_s, cached)
+        return out, answer
+
+
+class LungInfectionSegmentationInfer(CTPipelineInfer):
+    """Lung (1) and lesion (2) label NIfTI in the study geometry + involvement and CT grade (JSON)."""
+
+    def __init__(self, runner: PipelineRunner) -> None:
+        super().__init__(
+            runner,
+            type=InferType.SEGMENTATION,
+            labels=dict(INFECTION_LABELS),
+            description=(
+                "COVID-19 lesions (ground glass, consolidation) inside the lungs (bundle "
+                f"{DEFAULT_BUNDLES['infection']}) with the lung mask; the result JSON has lung involvement "
+                "(both lungs, each lung) and the CT-0..CT-4 grade"
+            ),
+            stages=("segmentation", "slice_filter", "infection"),
+        )
+
+    def get_path(self, validate: bool = True) -> str | None:
+        if not validate:
+            return str(self.runner.finetuned_bundle_of("infection") / "models" / "model.pt")
+        path = self.runner.segmentation_weights("infection")
+        return str(path) if path.is_file() else None
+
+    def __call__(self, request: dict) -> tuple[str | None, dict]:
+        import numpy as np
+
+        from ctcovid.io.atomic import write_nifti_atomic
+
+        result, seconds, cached = self.run_pipeline(request)
+        if result.infection_mask is None:
+            raise HTTPException(
+                status_code=503, detail=f"model not available: infection {result.stages.get('infection', 'not run')}"
+            )
+        t0 = time.perf_counter()
+        labels = result.lung_mask.astype(np.uint8)  # 0/1
+        labels[result.infection_mask > 0] = INFECTION_LABELS["infection"]
+        fd, out = tempfile.mkstemp(prefix="ctcovid_infection_", suffix=".nii.gz")
+        os.close(fd)
+        write_nifti_atomic(labels, result.affine, out)
+        write_s = time.perf_counter() - t0
+        answer = {"label_names": dict(INFECTION_LABELS), **self.summary(result), "cached": cached}
         answer["latencies"] = _latencies(result, seconds, write_s, cached)
         return out, answer
 

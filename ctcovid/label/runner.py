@@ -26,12 +26,14 @@ from typing import Any
 from ctcovid.bundle.loading import WEIGHTS_FILE, BundleError, MissingWeightsError, bundle_weights_status
 from ctcovid.ct import DEFAULT_BUNDLES, PRECISIONS, SEVERITY_MODES, CTCovidPipeline, CTResult
 
-__all__ = ["FINETUNED_BUNDLE", "PipelineRunner", "RunnerOptions"]
+__all__ = ["FINETUNED_BUNDLE", "TRAINABLE_STAGES", "PipelineRunner", "RunnerOptions"]
 
 logger = logging.getLogger(__name__)
 
 #: Folder name (under the app's model dir) of the lung segmenter fine-tuned from datastore labels.
 FINETUNED_BUNDLE = DEFAULT_BUNDLES["segmentation"]
+#: Stages the app fine-tunes from datastore labels (each into ``<model_dir>/<its bundle name>``).
+TRAINABLE_STAGES = ("segmentation", "infection")
 
 
 @dataclass
@@ -115,20 +117,24 @@ class PipelineRunner:
     @property
     def finetuned_bundle(self) -> Path:
         """The fine-tuned lung segmenter bundle (written by the train task)."""
-        return Path(self.options.model_dir) / FINETUNED_BUNDLE
+        return self.finetuned_bundle_of("segmentation")
 
-    def finetuned_weights(self) -> Path | None:
-        w = self.finetuned_bundle / WEIGHTS_FILE
+    def finetuned_bundle_of(self, stage: str) -> Path:
+        """Working copy of ``stage``'s bundle that the app's train task fine-tunes (:data:`TRAINABLE_STAGES`)."""
+        return Path(self.options.model_dir) / DEFAULT_BUNDLES[stage]
+
+    def finetuned_weights(self, stage: str = "segmentation") -> Path | None:
+        w = self.finetuned_bundle_of(stage) / WEIGHTS_FILE
         return w if w.is_file() else None
 
-    def segmentation_weights(self) -> Path:
-        """Weights the segmenter uses: the fine-tuned ones when training produced them, else the bundle's."""
-        return self.finetuned_weights() or self.bundles_root / DEFAULT_BUNDLES["segmentation"] / WEIGHTS_FILE
+    def segmentation_weights(self, stage: str = "segmentation") -> Path:
+        """Weights ``stage`` uses: the fine-tuned ones when training produced them, else the bundle's."""
+        return self.finetuned_weights(stage) or self.bundles_root / DEFAULT_BUNDLES[stage] / WEIGHTS_FILE
 
     def _weights_key(self) -> tuple:
         key = []
         paths = [self.bundles_root / b / WEIGHTS_FILE for b in DEFAULT_BUNDLES.values()]
-        for p in [*paths, self.finetuned_bundle / WEIGHTS_FILE]:
+        for p in [*paths, *(self.finetuned_bundle_of(s) / WEIGHTS_FILE for s in TRAINABLE_STAGES)]:
             try:
                 st = p.stat()
                 key.append((str(p), st.st_size, st.st_mtime_ns))
@@ -147,10 +153,10 @@ class PipelineRunner:
         with self._lock:
             key = self._weights_key()
             if self._pipeline is None or key != self._key:
-                bundles = {}
-                if self.finetuned_weights() is not None:
-                    # an absolute path as the bundle "name": load_stage joins it onto the root unchanged
-                    bundles["segmentation"] = str(self.finetuned_bundle)
+                # an absolute path as the bundle "name": load_stage joins it onto the root unchanged
+                bundles = {
+                    s: str(self.finetuned_bundle_of(s)) for s in TRAINABLE_STAGES if self.finetuned_weights(s)
+                }
                 logger.info(
                     "building the CT pipeline (bundles in %s, overrides %s)", self.bundles_root, bundles
                 )
@@ -204,13 +210,18 @@ class PipelineRunner:
         out: dict[str, Any] = {}
         for stage, bundle in DEFAULT_BUNDLES.items():
             info = bundle_weights_status(bundle, self.options.bundle_dir, with_hash=False)
-            if stage == "segmentation" and self.finetuned_weights() is not None:
-                info["finetuned_weights"] = str(self.finetuned_weights())
+            if stage in TRAINABLE_STAGES and self.finetuned_weights(stage) is not None:
+                info["finetuned_weights"] = str(self.finetuned_weights(stage))
                 info["weights"] = True
             if info.get("weights"):
                 info["message"] = "trained weights loaded"
             elif stage == "slice_filter":
                 info["message"] = "no trained weights: lung slices are chosen by lung-mask area instead"
+            elif stage == "infection":
+                info["message"] = (
+                    f"no trained weights in {Path(info['path']) / WEIGHTS_FILE}: no lesion mask, involvement or "
+                    "CT grade until the bundle is trained (or this app's training has produced weights)"
+                )
             elif stage == "segmentation":
                 info["message"] = (
                     f"no trained weights in {Path(info['path']) / WEIGHTS_FILE}: lung_segmentation cannot run "

@@ -1,7 +1,9 @@
-"""Fine-tuning the lung segmenter from the labels saved in the datastore (MONAI Label's train endpoint).
+"""Fine-tuning the lung and lesion segmenters from the labels saved in the datastore (MONAI Label's train
+endpoint).
 
 :class:`LungSegmentationTrain` is MONAI Label's :class:`~monailabel.tasks.train.bundle.BundleTrainTask` over
-the ``ct_lung_segmentation`` bundle's own ``configs/train.json``, with two differences:
+a slice-segmentation bundle's own ``configs/train.json`` (``ct_lung_segmentation`` or
+``ct_lung_infection_segmentation``), with two differences:
 
 - it trains a *working copy* of the bundle under the app's model dir (``<model_dir>/ct_lung_segmentation``,
   configs copied from the shipped bundle at start-up), so a few corrected labels never overwrite the
@@ -22,6 +24,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +56,7 @@ _TUNABLE = {
 def sync_bundle_configs(source: Path, work: Path) -> None:
     """Copy ``source/configs`` (and its docs) into the working bundle ``work``; ``work/models`` is kept."""
     if not (source / "configs" / "train.json").is_file():
-        raise FileNotFoundError(f"{source}: no configs/train.json to train the lung segmenter with")
+        raise FileNotFoundError(f"{source}: no configs/train.json to train with")
     (work / "models").mkdir(parents=True, exist_ok=True)
     shutil.copytree(source / "configs", work / "configs", dirs_exist_ok=True)
     if (source / "docs").is_dir():
@@ -67,20 +70,31 @@ class LungSegmentationTrain(BundleTrainTask):
         source_bundle: the shipped ``ct_lung_segmentation`` bundle.
         work_bundle: its working copy under the app's model dir (configs synced here, weights written here).
         conf: the app's ``conf``.
-        label_value: value of lung voxels in the saved labels (the infer task's ``{"lung": 1}``).
+        label_values: values of the saved labels that are foreground for this model (lung: ``(1, 2)``, the
+            lung with its lesions; lesions: ``(2,)``; see :data:`ctcovid.label.infer.INFECTION_LABELS`).
+        name: the task's model name (messages and logs).
     """
 
-    def __init__(self, source_bundle: str | os.PathLike, work_bundle: str | os.PathLike, conf: dict, label_value: int = 1):
+    def __init__(
+        self,
+        source_bundle: str | os.PathLike,
+        work_bundle: str | os.PathLike,
+        conf: dict,
+        label_values: int | Sequence[int] = 1,
+        name: str = "lung_segmentation",
+    ) -> None:
         self.source_bundle = Path(source_bundle)
         self.work_bundle = Path(work_bundle)
-        self.label_value = int(label_value)
+        values = [label_values] if isinstance(label_values, int) else label_values
+        self.label_values = [int(v) for v in values]
+        self.name = name
         self._request: dict = {}
         self._run_stats: dict[str, Any] = {}
         sync_bundle_configs(self.source_bundle, self.work_bundle)
         super().__init__(str(self.work_bundle), conf, load_strict=True)
         if self.is_valid():
             self.description = (
-                "Fine-tune the lung segmenter on the images with a final label in the datastore "
+                f"Fine-tune {self.name} on the images with a final label in the datastore "
                 f"(bundle {self.source_bundle.name}; weights go to {self.work_bundle / 'models'})"
             )
 
@@ -107,7 +121,7 @@ class LungSegmentationTrain(BundleTrainTask):
         if not self._fetch_datalist(request, datastore):
             raise MONAILabelException(
                 MONAILabelError.APP_TRAIN_FAILED,
-                "no labelled images: save a corrected lung label (PUT /datastore/label, tag final) before training",
+                f"no labelled images: save a corrected label (PUT /datastore/label, tag final) before training {self.name}",
             )
         start = time.time()
         out = super().__call__(request, datastore)
@@ -118,13 +132,13 @@ class LungSegmentationTrain(BundleTrainTask):
             "weights": str(self.work_bundle / "models" / "model.pt"),
         }
         _write_json(self.work_bundle / STATS_FILE, stats)
-        logger.info("lung_segmentation training finished: %s", stats)
+        logger.info("%s training finished: %s", self.name, stats)
         return {**(out or {}), **stats}
 
     def _fetch_datalist(self, request, datastore):
         items = super()._fetch_datalist(request, datastore)
         return [
-            {**d, "label_values": [self.label_value], "case": Path(d["image"]).name.split(".")[0]} for d in items
+            {**d, "label_values": list(self.label_values), "case": Path(d["image"]).name.split(".")[0]} for d in items
         ]
 
     def _partition_datalist(self, datalist, request, shuffle=False):
@@ -153,7 +167,7 @@ class LungSegmentationTrain(BundleTrainTask):
             super()._load_checkpoint(start, pretrained, train_handlers)
         else:
             self._run_stats["initialised_from"] = "random initialisation (no weights to start from)"
-            logger.warning("lung_segmentation: training from random initialisation (no weights in %s)", model_pytorch)
+            logger.warning("%s: training from random initialisation (no weights in %s)", self.name, model_pytorch)
 
     def _update_overrides(self, overrides):
         train = overrides.pop(self.const.key_train_dataset_data())
@@ -165,6 +179,10 @@ class LungSegmentationTrain(BundleTrainTask):
                 "train#items": _ITEMS.format(key="train"),
                 "validate#items": _ITEMS.format(key="validate"),
                 "num_workers": 0,
+                # checkpoints into the working copy, whatever the shipped config trains into
+                "ckpt_dir": "$@bundle_root + '/models'",
+                "output_dir": "$@bundle_root + '/eval'",
+                "init_ckpt": None,
             }
         )
         for key, cast in _TUNABLE.items():

@@ -8,9 +8,12 @@ handlers MONAI lacks (:mod:`ctcovid.training.handlers`). Bundle configs referenc
 - :mod:`ctcovid.training.slices` -- per-slice samples (image, lung mask, lung/non-lung label) from CT volumes.
 - :mod:`ctcovid.training.lung_datalist` -- builds the lung bundles' committed datalists
   (``python -m ctcovid.training.lung_datalist``); :mod:`ctcovid.training.ma2020` -- patient grouping of the
-  Ma et al. 2D slices and their copies of MedSeg slices.
+  Ma et al. 2D slices and their copies of MedSeg slices; :mod:`ctcovid.training.infection_datalist` -- the
+  infection bundle's datalist.
+- :mod:`ctcovid.training.autocast` -- bf16 autocast for MONAI engines on CPU as well as GPU.
 """
 
+from .autocast import AutocastModule, autocast_network
 from .checkpoints import BestMetricState
 from .data_root import default_data_root
 from .datalists import (
@@ -30,6 +33,8 @@ from .slices import binarize_label, load_lung_datalist, lung_slice_items, resolv
 
 __all__ = [
     "AtomicNibabelWriter",
+    "AutocastModule",
+    "autocast_network",
     "BestMetricState",
     "DETECTION_CLASSES",
     "DatalistError",

@@ -33,7 +33,8 @@ class LungLabeld(MapTransform):
     Args:
         keys: the label key(s).
         label_values_key: item key listing the label-map values that are lung (e.g. TotalSegmentator
-            lobes 10-14); removed from the item afterwards so batches collate.
+            lobes 10-14); removed from the item afterwards so batches collate, as is ``label_threshold``
+            (foreground above it: MedSeg infection masks).
         allow_missing_keys: don't raise if a key is missing.
     """
 
@@ -46,9 +47,10 @@ class LungLabeld(MapTransform):
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
         values = d.pop(self.label_values_key, None)
+        threshold = d.pop("label_threshold", None)
         for key in self.key_iterator(d):
             lab = d[key]
-            out = binarize_label(torch.as_tensor(lab), values)
+            out = binarize_label(torch.as_tensor(lab), values, threshold)
             d[key] = MetaTensor(out, meta=dict(lab.meta)) if isinstance(lab, MetaTensor) else out
         return d
 

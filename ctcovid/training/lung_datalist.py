@@ -33,7 +33,16 @@ from pathlib import Path
 from ctcovid.training.ma2020 import analyse_ma2020, group_members
 from ctcovid.training.slices import default_data_root
 
-__all__ = ["build_lung_datalists", "main", "MEDSEG_CASES", "TOTALSEG_LUNG_LABELS"]
+__all__ = [
+    "build_lung_datalists",
+    "grouped_ma2020",
+    "ma_item",
+    "main",
+    "medseg_item",
+    "MEDSEG_CASES",
+    "TOTALSEG_LUNG_LABELS",
+    "write_datalist",
+]
 
 MEDSEG_CASES = ("rp2", "rp4", "rp6", "rp8")
 TRAIN_CASES = ("rp2", "rp4")
@@ -51,20 +60,23 @@ _MA = "ct/ma2020_slices"
 _TS = "fixtures/totalsegmentator_example_ct"
 
 
-def _medseg_item(case: str) -> dict:
+def medseg_item(case: str, masks: str = "lung_masks", **extra) -> dict:
+    """Datalist item of MedSeg volume ``case`` with its ``masks`` folder's mask as label."""
     return {
         "image": f"{_MEDSEG}/images/{case}.nii.gz",
-        "label": f"{_MEDSEG}/lung_masks/{case}.nii.gz",
+        "label": f"{_MEDSEG}/{masks}/{case}.nii.gz",
+        **extra,
         "case": case,
         "source": "medseg",
         "domain": "display",
     }
 
 
-def _ma_item(name: str, group: str) -> dict:
+def ma_item(name: str, group: str, masks: str = "lungs") -> dict:
+    """Datalist item of ma2020 slice ``name`` (estimated patient ``group``) with its ``masks`` folder's mask."""
     return {
         "image": f"{_MA}/ct/{name}",
-        "label": f"{_MA}/lungs/{name}",
+        "label": f"{_MA}/{masks}/{name}",
         "case": f"ma2020/{group}",
         "source": "ma2020",
         "domain": "display",
@@ -91,10 +103,9 @@ def _hu_items() -> list[dict]:
     ]
 
 
-def build_lung_datalists(
-    data_root: str | os.PathLike, val_groups: Sequence[str] = DEFAULT_VAL_GROUPS
-) -> tuple[dict, dict]:
-    """Return ``(segmentation datalist, slice-filter datalist)`` as JSON-ready dicts (paths relative to ``data_root``)."""
+def grouped_ma2020(data_root: str | os.PathLike, val_groups: Sequence[str]) -> list:
+    """The ma2020 slices with their estimated patient groups and MedSeg copies
+    (:func:`ctcovid.training.ma2020.analyse_ma2020`); raises ``ValueError`` for unknown ``val_groups``."""
     root = Path(data_root)
     medseg = {
         c: (root / _MEDSEG / "images" / f"{c}.nii.gz", root / _MEDSEG / "lung_masks" / f"{c}.nii.gz")
@@ -105,7 +116,28 @@ def build_lung_datalists(
     unknown = [g for g in val_groups if g not in groups]
     if unknown:
         raise ValueError(f"validation groups {unknown} not found; groups are {sorted(groups)}")
+    return records
 
+
+def write_datalist(obj: dict, bundle: str) -> None:
+    """Write ``obj`` as ``bundles/<bundle>/configs/datalist.json`` (atomically) and say what it holds."""
+    from ctcovid.bundle import bundle_path
+
+    out = Path(bundle_path(bundle)) / "configs" / "datalist.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _write_json(obj, out)
+    print(
+        f"{out}: {len(obj['training'])} training, {len(obj['validation'])} validation, "
+        f"{len(obj['test'])} test items, {len(obj['excluded'])} excluded"
+    )
+
+
+def build_lung_datalists(
+    data_root: str | os.PathLike, val_groups: Sequence[str] = DEFAULT_VAL_GROUPS
+) -> tuple[dict, dict]:
+    """Return ``(segmentation datalist, slice-filter datalist)`` as JSON-ready dicts (paths relative to ``data_root``)."""
+    records = grouped_ma2020(data_root, val_groups)
+    groups = group_members(records)
     train, val, excluded = [], [], []
     for r in records:
         cases = set(r.group.split("+")) & set(MEDSEG_CASES)
@@ -124,9 +156,9 @@ def build_lung_datalists(
                 }
             )
         elif r.group in val_groups:
-            val.append(_ma_item(r.name, r.group))
+            val.append(ma_item(r.name, r.group))
         else:
-            train.append(_ma_item(r.name, r.group))
+            train.append(ma_item(r.name, r.group))
 
     provenance = {
         "generated_by": "python -m ctcovid.training.lung_datalist --data_root <data_root>",
@@ -136,9 +168,9 @@ def build_lung_datalists(
     seg = {
         "description": "ct_lung_segmentation: 2D lung segmentation slices. Split by volume / estimated patient.",
         **provenance,
-        "training": [_medseg_item(c) for c in TRAIN_CASES] + train,
+        "training": [medseg_item(c) for c in TRAIN_CASES] + train,
         "validation": val,
-        "test": [_medseg_item(c) for c in TEST_CASES],
+        "test": [medseg_item(c) for c in TEST_CASES],
         "test_hu": _hu_items(),
         "excluded": excluded,
     }
@@ -156,9 +188,9 @@ def build_lung_datalists(
         "(lung if the mask covers at least min_area of the slice).",
         **provenance,
         # rp4 validates: the ma2020 validation slices are all lung, model selection needs negatives too
-        "training": [_medseg_item("rp2"), example_ct_negatives] + train,
-        "validation": [_medseg_item("rp4")] + val,
-        "test": [_medseg_item(c) for c in TEST_CASES] + [_hu_items()[0]],
+        "training": [medseg_item("rp2"), example_ct_negatives] + train,
+        "validation": [medseg_item("rp4")] + val,
+        "test": [medseg_item(c) for c in TEST_CASES] + [_hu_items()[0]],
         "test_unlabelled": [_hu_items()[1]],
         "excluded": excluded,
     }
@@ -172,7 +204,6 @@ def _write_json(obj: dict, path: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from ctcovid.bundle import bundle_path
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -182,13 +213,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     seg, filt = build_lung_datalists(args.data_root, args.val_groups)
     for name, obj in (("ct_lung_segmentation", seg), ("ct_lung_slice_filter", filt)):
-        out = Path(bundle_path(name)) / "configs" / "datalist.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        _write_json(obj, out)
-        print(
-            f"{out}: {len(obj['training'])} training, {len(obj['validation'])} validation, "
-            f"{len(obj['test'])} test items, {len(obj['excluded'])} excluded"
-        )
+        write_datalist(obj, name)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
-"""2D training slices from CT volumes and slice images, for the lung segmenter and the slice filter.
+"""2D training slices from CT volumes and slice images, for the lung and infection segmenters and the
+slice filter.
 
 A datalist item (see ``bundles/ct_lung_segmentation/configs/datalist.json``) is either a volume (NIfTI /
-DICOM folder) or one slice image (PNG), with an optional lung ``label`` (0/1 mask, 0/255 PNG, or a label
-map with ``label_values``), an optional ``slices`` range ``[start, stop)`` and an optional constant
-``slice_label`` for volumes without a mask. :func:`lung_slice_items` loads each item with
+DICOM folder) or one slice image (PNG), with an optional ``label`` (0/1 mask, 0/255 PNG, a label map
+with ``label_values``, or any mask with ``label_threshold``: foreground is above it), an optional
+``slices`` range ``[start, stop)`` and an optional constant ``slice_label`` for volumes without a mask. :func:`lung_slice_items` loads each item with
 :class:`ctcovid.io.LoadCTd`, normalises the **whole volume** with
 :class:`ctcovid.transforms.NormalizeCTIntensityd` (as inference does, so display percentiles are those of
 the volume, not of one slice), then cuts it into slices resized to the network size. MONAI has no
@@ -92,8 +93,14 @@ def load_lung_datalist(
     return resolve_datalist(items, data_root or default_data_root())
 
 
-def binarize_label(label: torch.Tensor, label_values: Sequence[int] | None = None) -> torch.Tensor:
-    """0/1 float32 lung mask from a 0/1 mask, a 0/255 PNG or (with ``label_values``) a label map."""
+def binarize_label(
+    label: torch.Tensor, label_values: Sequence[int] | None = None, threshold: float | None = None
+) -> torch.Tensor:
+    """0/1 float32 mask from a 0/1 mask, a 0/255 PNG, (with ``label_values``) a label map or (with
+    ``threshold``) any mask whose values above ``threshold`` are foreground (MedSeg infection codes 127/255:
+    ``threshold=0``)."""
+    if threshold is not None:
+        return (label > threshold).to(torch.float32)
     if label_values:
         return torch.isin(label.round().to(torch.int64), torch.as_tensor(list(label_values))).to(
             torch.float32
@@ -150,7 +157,8 @@ def lung_slice_items(
                 raise ValueError(
                     f"{item['label']}: mask shape {tuple(lab.shape)} != image shape {tuple(vol.shape)}"
                 )
-            lab = binarize_label(lab[0], item.get("label_values"))[:, :, ks]  # (X, Y, N)
+            lab = binarize_label(lab[0], item.get("label_values"), item.get("label_threshold"))
+            lab = lab[:, :, ks]  # (X, Y, N)
             frac = lab.mean(dim=(0, 1))
             y = (_resize(lab.permute(2, 0, 1)[:, None], spatial_size) > 0.5).to(torch.float32)
         else:

@@ -26,7 +26,8 @@ __all__ = ["CLAHE", "CLAHEd", "RandCLAHEd", "LungRegion", "LungRegiond", "SaveXR
 
 
 class CLAHE(Transform):
-    """Contrast-limited adaptive histogram equalisation of a channel-first 2D image ``(C, H, W)``.
+    """Contrast-limited adaptive histogram equalisation of a channel-first 2D image ``(C, H, W)``, or of each
+    axial slice of a volume ``(C, H, W, D)`` (the CT lesion model reads slices equalised this way).
 
     Each channel is mapped to ``[0, 1]`` by its own min..max, equalised with scikit-image's
     ``equalize_adapthist`` and mapped back to its original min..max, so the intensity range is kept
@@ -51,19 +52,24 @@ class CLAHE(Transform):
 
     def __call__(self, img: NdarrayOrTensor) -> torch.Tensor:
         t = convert_to_tensor(img, track_meta=True)
-        if t.ndim != 3:
-            raise ValueError(f"CLAHE expects a channel-first 2D image (C, H, W), got shape {tuple(t.shape)}")
+        if t.ndim not in (3, 4):
+            raise ValueError(
+                f"CLAHE expects a channel-first 2D image (C, H, W) or volume (C, H, W, D), got shape {tuple(t.shape)}"
+            )
         arr = t.detach().cpu().numpy().astype(np.float64)
         out = np.empty_like(arr)
-        for c in range(arr.shape[0]):
-            ch = arr[c]
+        planes = [(c,) for c in range(arr.shape[0])] if arr.ndim == 3 else [
+            (c, ..., k) for c in range(arr.shape[0]) for k in range(arr.shape[-1])
+        ]
+        for idx in planes:
+            ch = arr[idx]
             lo, hi = float(ch.min()), float(ch.max())
             if not hi > lo:
-                out[c] = ch
+                out[idx] = ch
                 continue
             eq = equalize_adapthist((ch - lo) / (hi - lo), kernel_size=self.kernel_size,
                                     clip_limit=self.clip_limit, nbins=self.nbins)
-            out[c] = lo + np.clip(eq, 0.0, 1.0) * (hi - lo)
+            out[idx] = lo + np.clip(eq, 0.0, 1.0) * (hi - lo)
         res = torch.as_tensor(out, dtype=torch.float32, device=t.device)
         if isinstance(t, MetaTensor):
             res = MetaTensor(res, meta=t.meta, applied_operations=t.applied_operations)

@@ -16,6 +16,7 @@ never copied into the repository) and a temporary bundle folder:
   [inception_v3], repeats: 1``: fewer members, same member architecture) so the JSON plumbing is
   exercised; the no-weights answer is tested on a bare copy without a server;
 - ``ct_lung_slice_filter``: no weights (optional stage: the lung-mask area decides).
+- ``ct_lung_infection_segmentation``: the shipped weights (like the lung segmenter).
 """
 
 from __future__ import annotations
@@ -39,7 +40,10 @@ CT_BUNDLES = (
     "ct_lung_segmentation",
     "ct_covid_classification",
     "ct_covid_severity_classification",
+    "ct_lung_infection_segmentation",
 )
+#: Bundles whose shipped trained weights the servers use (linked, never copied).
+SHIPPED_WEIGHTS = ("ct_lung_segmentation", "ct_lung_infection_segmentation")
 #: Per-bundle overrides written into the temporary ``inference.json`` copies (fewer ensemble members).
 SMALL_ENSEMBLES = {
     "ct_covid_classification": {"num_members": 1},
@@ -59,8 +63,8 @@ def _shipped_bundles() -> Path:
     return PROJECT_ROOT / "bundles"
 
 
-def shipped_segmenter_weights() -> Path | None:
-    w = _shipped_bundles() / "ct_lung_segmentation" / "models" / "model.pt"
+def shipped_segmenter_weights(bundle: str = "ct_lung_segmentation") -> Path | None:
+    w = _shipped_bundles() / bundle / "models" / "model.pt"
     return w if w.is_file() else None
 
 
@@ -101,8 +105,8 @@ def make_bundle_root(dest: Path, weights: tuple[str, ...] = CT_BUNDLES[1:]) -> P
             cfg_file.write_text(json.dumps(cfg, indent=1))
         if name not in weights:
             continue
-        if name == "ct_lung_segmentation":
-            shipped = shipped_segmenter_weights()
+        if name in SHIPPED_WEIGHTS:
+            shipped = shipped_segmenter_weights(name)
             if shipped is not None:
                 os.symlink(shipped, out / "models" / "model.pt")
             else:
@@ -126,7 +130,10 @@ def label_bundles(_require_monailabel, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def studies(_require_monailabel, tmp_path_factory) -> Path:
-    """Studies folder: two NIfTI CTs, one chest DICOM series folder and a truncated (corrupt) NIfTI.
+    """Studies folder: three NIfTI CTs, one chest DICOM series folder and a truncated (corrupt) NIfTI.
+
+    MedSeg ``rp4`` (13.8 % of its lung infected; held out from the lesion model's training) is the study for
+    the lesion model.
 
     The DICOM series is the middle 40 slices (by position) of COVID-CT-MD ``normal002`` (JPEG lossless,
     file names not in anatomical order), linked file by file: a real hospital series, a quarter of the
@@ -140,6 +147,7 @@ def studies(_require_monailabel, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("studies")
     os.symlink(ct_sm, root / "totalseg_ct_sm.nii.gz")
     os.symlink(rp6, root / "medseg_rp6.nii.gz")
+    os.symlink(data_path("ct", "medseg", "images", "rp4.nii.gz"), root / "medseg_rp4.nii.gz")
     by_z = sorted(
         (float(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2]), f)
         for f in series.iterdir()

@@ -82,7 +82,9 @@ def test_models_without_weights_answer_null_with_the_reason(tmp_path, segmenter_
     mask_file, answer = LungSegmentationInfer(runner)({"image": str(ct)})
     try:
         assert answer["covid_probability"] is None and answer["severity_probabilities"] is None
-        assert set(answer["reasons"]) == {"detection", "severity"}
+        assert set(answer["reasons"]) == {"detection", "severity", "infection"}
+        assert answer["lung_involvement_percent"] is None and answer["ct_severity_grade"] is None
+        assert "no trained weights" in answer["reasons"]["infection"]
         assert answer["record"]["stages"]["segmentation"] == "ok"
         assert os.path.getsize(mask_file) > 0
     finally:

@@ -9,8 +9,8 @@ Start (loopback, offline: nothing is downloaded at start-up or later)::
 ``model_dir`` (fine-tuned segmenter, default ``<app>/model``), ``device`` (``auto``), ``severity``
 (``covid`` | ``always`` | ``never``), ``batch_size``, ``covid_threshold``.
 
-Models: ``lung_segmentation`` (segmentation; trainable), ``covid_detection`` and ``covid_severity``
-(classification, JSON). Bad requests are answered 4xx with a message: unknown model or image id (404),
+Models: ``lung_segmentation`` and ``lung_infection_segmentation`` (segmentation, lung 1 / lesions 2; both
+trainable from saved labels), ``covid_detection`` and ``covid_severity`` (classification, JSON). Bad requests are answered 4xx with a message: unknown model or image id (404),
 unusable study (422), a model whose weights are missing (503).
 """
 
@@ -30,7 +30,12 @@ from monailabel.tasks.activelearning.random import Random  # noqa: E402
 import ctcovid  # noqa: E402
 from ctcovid.ct.pipeline import DEFAULT_BUNDLES  # noqa: E402
 from ctcovid.label.datastore import CTStudiesDatastore  # noqa: E402
-from ctcovid.label.infer import LUNG_LABELS, CovidClassificationInfer, LungSegmentationInfer  # noqa: E402
+from ctcovid.label.infer import (  # noqa: E402
+    INFECTION_LABELS,
+    CovidClassificationInfer,
+    LungInfectionSegmentationInfer,
+    LungSegmentationInfer,
+)
 from ctcovid.label.runner import PipelineRunner, RunnerOptions  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -49,11 +54,11 @@ class CTCovidLabelApp(MONAILabelApp):
             conf=conf,
             name="ctcovid",
             description=(
-                f"ctcovid {ctcovid.__version__}: lung segmentation of chest CT with COVID-19 detection and "
-                "severity grading (research use; not a medical device)"
+                f"ctcovid {ctcovid.__version__}: lung and COVID-19 lesion segmentation of chest CT, lung involvement, "
+                "COVID-19 detection and severity grading (research use; not a medical device)"
             ),
             version=ctcovid.__version__,
-            labels=dict(LUNG_LABELS),
+            labels=dict(INFECTION_LABELS),
         )
 
     # ------------------------------------------------------------------ MONAI Label hooks
@@ -71,6 +76,7 @@ class CTCovidLabelApp(MONAILabelApp):
     def init_infers(self):
         return {
             "lung_segmentation": LungSegmentationInfer(self.runner),
+            "lung_infection_segmentation": LungInfectionSegmentationInfer(self.runner),
             "covid_detection": CovidClassificationInfer(self.runner, "detection"),
             "covid_severity": CovidClassificationInfer(self.runner, "severity"),
         }
@@ -78,14 +84,25 @@ class CTCovidLabelApp(MONAILabelApp):
     def init_trainers(self):
         from ctcovid.label.train import LungSegmentationTrain
 
-        source = self.runner.bundles_root / DEFAULT_BUNDLES["segmentation"]
-        try:
-            task = LungSegmentationTrain(source, self.runner.finetuned_bundle, self.conf, LUNG_LABELS["lung"])
-        except (OSError, ValueError) as e:  # no train config / metadata: serve inference only
-            logger.warning("lung_segmentation training is not available: %s", e)
-            self.train_unavailable = str(e)
-            return {}
-        return {"lung_segmentation": task} if task.is_valid() else {}
+        # a saved label map holds lung 1 and lesions 2: the lung model learns both as lung (lesions are lung
+        # tissue), the lesion model only 2
+        tasks = {
+            "lung_segmentation": ("segmentation", tuple(INFECTION_LABELS.values())),
+            "lung_infection_segmentation": ("infection", (INFECTION_LABELS["infection"],)),
+        }
+        out = {}
+        self.train_unavailable = {}
+        for name, (stage, values) in tasks.items():
+            source = self.runner.bundles_root / DEFAULT_BUNDLES[stage]
+            try:
+                task = LungSegmentationTrain(source, self.runner.finetuned_bundle_of(stage), self.conf, values, name)
+            except (OSError, ValueError) as e:  # no train config / metadata: serve inference only
+                logger.warning("%s training is not available: %s", name, e)
+                self.train_unavailable[name] = str(e)
+                continue
+            if task.is_valid():
+                out[name] = task
+        return out
 
     def init_strategies(self):
         return {"random": Random(), "first": First()}
@@ -99,7 +116,7 @@ class CTCovidLabelApp(MONAILabelApp):
             "severity_mode": self.options.severity,
             "stages": self.runner.status(),
         }
-        if getattr(self, "train_unavailable", None):
+        if getattr(self, "train_unavailable", None):  # per model: why it cannot be trained here
             meta["ctcovid"]["train_unavailable"] = self.train_unavailable
         return meta
 
@@ -131,5 +148,7 @@ class CTCovidLabelApp(MONAILabelApp):
         return super().bundle_path(model)
 
     def on_save_label(self, image_id, label_id):
-        logger.info("label saved for %s (%s): train lung_segmentation to use it", image_id, label_id)
+        logger.info(
+            "label saved for %s (%s): train lung_segmentation / lung_infection_segmentation to use it", image_id, label_id
+        )
         return {}

@@ -1,0 +1,102 @@
+"""Lung involvement: how much of each lung the lesions take, and the CT-0..CT-4 grade radiologists give it.
+
+The grade follows the MosMedData convention (Morozov et al. 2020): CT-0 no lesion, CT-1 < 25 % of the lung
+involved, CT-2 25-50 %, CT-3 50-75 %, CT-4 >= 75 %. Involvement is ``|infection ∩ lung| / |lung| × 100``.
+
+Left and right lungs come from the lung mask's 3D components placed by the scan's affine (RAS: the patient's
+right lung lies at larger world x). When the two lungs touch and form one component, a sagittal plane at
+the middle of the mask's left-right extent splits them. Written here because no library names the lungs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from ctcovid.ct.mask_cleanup import bounding_box
+
+__all__ = ["GRADE_UPPER_BOUNDS", "ct_severity_grade", "lung_hull", "split_lungs", "involvement_percent"]
+
+#: Upper bounds (percent of lung, exclusive) of CT-1, CT-2 and CT-3; CT-4 is everything from 75 % on.
+GRADE_UPPER_BOUNDS: tuple[tuple[float, str], ...] = ((25.0, "CT-1"), (50.0, "CT-2"), (75.0, "CT-3"))
+
+
+def ct_severity_grade(percent: float | None, lesion_found: bool) -> str | None:
+    """``"CT-0"`` without a lesion, else the MosMed grade of ``percent`` involvement (``None`` if unknown)."""
+    if not lesion_found:
+        return "CT-0"
+    if percent is None or not np.isfinite(percent):
+        return None
+    for bound, grade in GRADE_UPPER_BOUNDS:
+        if percent < bound:
+            return grade
+    return "CT-4"
+
+
+def involvement_percent(infection: np.ndarray, lung: np.ndarray) -> float | None:
+    """``|infection ∩ lung| / |lung| × 100``; ``None`` for an empty lung."""
+    n = int(np.count_nonzero(lung))
+    if n == 0:
+        return None
+    return 100.0 * int(np.count_nonzero(np.logical_and(infection, lung))) / n
+
+
+def lung_hull(lung: np.ndarray, slices: Sequence[int] | None = None) -> np.ndarray:
+    """``(X, Y, Z)`` bool: on each slice, the convex hull of each lung outline (scikit-image).
+
+    Dense consolidation at the lung's edge can fall outside a lung segmenter's mask and leave a notch in
+    the outline; the hull of each lung puts it back inside, so lesions found there count as lung. Hulls are
+    taken per 2D object (never across the mediastinum between the lungs). ``slices``: only these (default:
+    the slices with lung).
+    """
+    from skimage.morphology import convex_hull_object
+
+    out = np.zeros(lung.shape, dtype=bool)
+    ks = np.flatnonzero(lung.any(axis=(0, 1))) if slices is None else slices
+    for k in ks:
+        plane = lung[:, :, k] > 0
+        box = bounding_box(plane, margin=1)  # the hull lies within the outline's box: 5-10x less work
+        if box is not None:
+            out[box + (k,)] = convex_hull_object(plane[box], connectivity=2)
+    return out
+
+
+def split_lungs(lung: np.ndarray, affine: np.ndarray | None, min_share: float = 0.15) -> tuple[np.ndarray, np.ndarray]:
+    """``(right, left)`` bool masks of a ``(X, Y, Z)`` lung mask.
+
+    Args:
+        lung: the lung mask.
+        affine: ``(4, 4)`` voxel -> RAS mm (``None``: the identity, i.e. voxel x grows to the patient's right).
+        min_share: the two largest 3D components are the two lungs when each holds at least this share of
+            the mask; otherwise the lungs touch and the mask is cut at the middle of its left-right extent.
+    """
+    lung = lung > 0
+    a = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
+    right, left = np.zeros_like(lung), np.zeros_like(lung)
+    box = bounding_box(lung)
+    if box is None:
+        return right, left
+    # work inside the lungs' box (labelling a 512x512x300 volume costs seconds)
+    sub = lung[box]
+    # world x (RAS: larger = patient's right) of every voxel of the box, by broadcasting its three axes
+    i, j, k = (np.arange(b.start, b.stop, dtype=np.float32) for b in box)
+    a = a.astype(np.float32)  # float32 world x: half the memory of the box, mm precision to spare
+    wx = a[0, 0] * i[:, None, None] + a[0, 1] * j[None, :, None] + a[0, 2] * k[None, None, :]
+    labels, n = ndimage.label(sub)
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    order = np.argsort(sizes)[::-1]
+    total = int(sizes.sum())
+    if n >= 2 and sizes[order[1]] >= min_share * total:
+        means = np.asarray(ndimage.mean(wx, labels=labels, index=np.arange(1, n + 1)))
+        cut = (means[order[0]] + means[order[1]]) / 2.0
+        # every component goes wholly to the side of its centroid
+        right_label = np.concatenate([[False], means >= cut])
+        right_sub = right_label[labels]
+    else:
+        lung_x = wx[sub]
+        right_sub = sub & (wx >= (lung_x.min() + lung_x.max()) / 2.0)
+    right[box] = right_sub
+    left[box] = sub & ~right_sub
+    return right, left

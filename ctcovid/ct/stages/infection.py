@@ -1,0 +1,114 @@
+"""COVID-19 lesions (ground glass, consolidation): the infection U-Net (bundle ``ct_lung_infection_segmentation``)
+on the kept lung slices, restricted to the lungs; then lung involvement per lung and the CT-0..CT-4 grade.
+
+Lesions found inside a lung's outline (its per-slice convex hull) but outside the lung mask -- dense
+consolidation a lung segmenter takes for soft tissue -- are added to the lung mask, so the lung volume and
+the involvement both count consolidated lung (``lung_mask_added_ml`` says how much).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ctcovid.ct.involvement import ct_severity_grade, involvement_percent, lung_hull, split_lungs
+from ctcovid.ct.mask_cleanup import clean_mask
+
+from .slice_segmentation import SliceSegmentationStage
+
+__all__ = ["InfectionSegmentationStage"]
+
+#: Default involvement (percent of the lung) below which no lesion is counted (CT-0), when the bundle's
+#: ``min_involvement_percent`` does not say: the shipped model's false-positive floor on lesion-free lung
+#: measured 0.10-0.19 % (bundle docs), so smaller findings are not called lesions.
+MIN_INVOLVEMENT_PERCENT = 0.5
+
+
+class InfectionSegmentationStage(SliceSegmentationStage):
+    """``result.infection_mask`` ``(X, Y, Z)`` uint8 and the involvement fields of :class:`CTResult`."""
+
+    name = "infection"
+    model = "infection"
+    default_bundle = "ct_lung_infection_segmentation"
+    fold_batchnorm = True
+    timings = ("infection", "involvement")
+
+    def setup(self, pipeline) -> None:
+        super().setup(pipeline)
+        model = pipeline.models[self.model]
+        self.min_involvement = MIN_INVOLVEMENT_PERCENT
+        self.clahe = None
+        if model.available:
+            from ctcovid.transforms import CLAHE
+
+            self.min_involvement = float(
+                model.config_value("min_involvement_percent", default=MIN_INVOLVEMENT_PERCENT)
+            )
+            clip = model.config_value("clahe_clip_limit", default=None)
+            #: the bundle equalises each resized slice (CLAHE) before its network, as it trained
+            self.clahe = CLAHE(clip_limit=float(clip)) if clip else None
+
+    def prepare_batch(self, pipeline, batch):
+        if self.clahe is None:
+            return batch
+        slices = batch.float().cpu()[:, 0]  # (B, H, W)
+        eq = self.clahe(slices.permute(1, 2, 0)[None])[0].permute(2, 0, 1)[:, None]  # per slice
+        return pipeline.runner.network_input(self.model, eq.contiguous())
+
+    def run(self, pipeline, ctx) -> None:
+        res = ctx.result
+        model = pipeline.models[self.model]
+        if not model.available:
+            res.stages[self.name] = f"skipped: {model.skipped}"
+            res.stages["involvement"] = "not run: no infection mask"
+            return
+        kept = res.kept_slices
+        with ctx.timed("infection"):
+            found = self.segment(pipeline, ctx.kept(ctx.views.get(model)))  # (X, Y, K)
+            found = clean_mask(found, self.cleanup)
+        with ctx.timed("involvement"):
+            self.measure(res, found, kept)
+        ctx.lung_mask_changed()  # it may have grown by consolidation: later stages re-read it
+
+    def measure(self, res, found: np.ndarray, kept) -> None:
+        """Fill the result's infection mask, per-lung involvement and grade from ``found`` ``(X, Y, K)``."""
+        lung = res.lung_mask
+        if list(kept) == list(range(kept[0], kept[0] + len(kept))):
+            kept = slice(kept[0], kept[0] + len(kept))  # a view, not a gather along the last axis
+        kept_lung = lung[:, :, kept] > 0
+        found = found.astype(bool)
+        outside = found & ~kept_lung
+        added = np.zeros_like(found)
+        notched = np.flatnonzero(outside.any(axis=(0, 1)))
+        if notched.size:  # outlines are needed only where lesions reach beyond the lung mask
+            added = outside & lung_hull(kept_lung, notched)
+        inside = (found & kept_lung) | added
+        infection = np.zeros(lung.shape, dtype=np.uint8)
+        infection[:, :, kept] = inside
+        if added.any():
+            grown = kept_lung | added
+            lung = lung.copy()
+            lung[:, :, kept] = grown
+            res.lung_mask = lung
+        voxel_ml = float(np.prod(res.spacing_mm)) / 1000.0 if res.spacing_known else None
+        res.lung_voxels = int(np.count_nonzero(res.lung_mask))
+        res.infection_voxels = int(np.count_nonzero(infection))
+        res.lung_mask_added_voxels = int(np.count_nonzero(added))
+        if voxel_ml is not None:
+            res.lung_volume_ml = res.lung_voxels * voxel_ml
+            res.infection_volume_ml = res.infection_voxels * voxel_ml
+        res.infection_mask = infection
+        res.lung_involvement_percent = involvement_percent(infection, res.lung_mask)
+        lesion_found = (res.lung_involvement_percent or 0.0) >= self.min_involvement and res.infection_voxels > 0
+        right, left = split_lungs(res.lung_mask, res.affine)
+        res.lungs = {
+            side: {
+                "volume_ml": None if voxel_ml is None else int(np.count_nonzero(m)) * voxel_ml,
+                "infection_volume_ml": None if voxel_ml is None else int(np.count_nonzero(infection & m)) * voxel_ml,
+                "involvement_percent": involvement_percent(infection, m),
+            }
+            for side, m in (("right", right), ("left", left))
+        }
+        res.lesion_found = bool(lesion_found)
+        res.ct_severity_grade = ct_severity_grade(res.lung_involvement_percent, lesion_found)
+        res.ct_severity_source = "involvement"
+        res.min_involvement_percent = self.min_involvement

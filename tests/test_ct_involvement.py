@@ -1,0 +1,103 @@
+"""Lung involvement, left/right lungs, the lung hull and the CT-0..CT-4 grade (ctcovid.ct.involvement),
+and the montage's choice of lesion slices: on masks made so the right answer is known."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ctcovid.ct.involvement import ct_severity_grade, involvement_percent, lung_hull, split_lungs
+from ctcovid.ct.montage import pick_montage_slices
+
+
+@pytest.mark.parametrize(
+    "percent, found, grade",
+    [
+        (0.0, False, "CT-0"),
+        (30.0, False, "CT-0"),  # no lesion counted: CT-0 whatever the percent says
+        (0.01, True, "CT-1"),
+        (24.999, True, "CT-1"),
+        (25.0, True, "CT-2"),
+        (49.99, True, "CT-2"),
+        (50.0, True, "CT-3"),
+        (74.99, True, "CT-3"),
+        (75.0, True, "CT-4"),
+        (100.0, True, "CT-4"),
+        (None, True, None),
+    ],
+)
+def test_grade_follows_mosmed_bounds(percent, found, grade):
+    assert ct_severity_grade(percent, found) == grade
+
+
+def test_involvement_counts_only_infection_inside_the_lung():
+    lung = np.zeros((10, 10, 2), bool)
+    lung[:5] = True  # 100 voxels
+    inf = np.zeros_like(lung)
+    inf[3:7, :, 0] = True  # 20 inside the lung, 20 outside
+    assert involvement_percent(inf, lung) == pytest.approx(20.0)
+    assert involvement_percent(inf, np.zeros_like(lung)) is None
+
+
+def _two_lungs(shape=(60, 40, 8), touching=False):
+    """Right lung (larger) at low voxel x, left lung at high x; a gap of 10 columns unless ``touching``."""
+    m = np.zeros(shape, np.uint8)
+    m[5:28, 5:35] = 1
+    m[38 if not touching else 28 : 55, 8:32] = 1
+    return m
+
+
+@pytest.mark.parametrize("touching", [False, True])
+def test_split_lungs_uses_the_affine_to_name_the_sides(touching):
+    m = _two_lungs(touching=touching)
+    low_x = np.zeros_like(m, bool)
+    low_x[:30] = True  # the larger block (voxel x 5..27) and nothing of the other
+    # RAS affine with voxel x running to the patient's LEFT (world x decreasing): low voxel x = right lung
+    flip = np.diag([-0.7, 0.7, 5.0, 1.0])
+    right, left = split_lungs(m, flip)
+    assert np.array_equal(right, (m > 0) & low_x)
+    assert np.array_equal(left, (m > 0) & ~low_x)
+    # the same voxels with x running to the patient's right swap names
+    right2, left2 = split_lungs(m, np.diag([0.7, 0.7, 5.0, 1.0]))
+    assert np.array_equal(right2, left) and np.array_equal(left2, right)
+
+
+def test_split_lungs_follows_a_rotated_axis():
+    """An affine whose voxel axis 1 (not 0) runs left-right (a transposed slice): the split follows it."""
+    m = np.transpose(_two_lungs(), (1, 0, 2))  # sides now along voxel axis 1
+    a = np.zeros((4, 4))
+    a[0, 1], a[1, 0], a[2, 2], a[3, 3] = 0.7, 0.7, 5.0, 1.0  # voxel y -> world x (to the right)
+    right, left = split_lungs(m, a)
+    assert right.sum() == int(m[:, 30:].sum()) and left.sum() == int(m[:, :30].sum())
+
+
+def test_small_components_go_to_the_side_they_lie_on():
+    m = _two_lungs()
+    m[58, 20, 3] = 1  # a stray voxel beyond the high-x lung
+    right, left = split_lungs(m, np.diag([0.7, 0.7, 5.0, 1.0]))  # high x = patient right
+    assert right[58, 20, 3] and not left[58, 20, 3]
+
+
+def test_lung_hull_fills_a_notch_but_not_the_gap_between_lungs():
+    m = _two_lungs()
+    notch = np.zeros_like(m, bool)
+    notch[5:12, 15:25, 4] = True  # consolidation cut out of one lung at its outer edge (x = 5)
+    m[notch] = 0
+    hull = lung_hull(m)
+    assert hull[notch].all()  # the notch lies inside the lung's outline again
+    assert not hull[30:37].any()  # nothing between the lungs
+    assert np.array_equal(hull[:, :, 0], m[:, :, 0] > 0)  # rectangles are their own hulls
+    empty = np.zeros_like(m)
+    assert not lung_hull(empty).any()
+
+
+def test_montage_picks_lesion_slices_and_keeps_context():
+    kept = list(range(10, 70))
+    area = [0] * 60
+    for i, a in ((5, 50), (33, 900), (34, 800), (58, 10)):
+        area[i] = a
+    picked = pick_montage_slices(kept, max_tiles=8, lesion_area=area)
+    assert len(picked) == 8 and picked == sorted(picked)
+    assert {15, 43, 44, 68} <= set(picked)  # every slice with lesion (4 <= 8 // 2)
+    assert picked[0] == 10 and picked[-1] == 69  # still spans the lungs
+    assert pick_montage_slices(kept, max_tiles=8) == pick_montage_slices(kept, 8, lesion_area=[0] * 60)
