@@ -50,6 +50,25 @@ def test_missing_input_is_a_usage_error(tmp_path, capsys):
     assert not (tmp_path / "out").exists()  # nothing was run
 
 
+@pytest.mark.parametrize("command", [["predict"], ["demo"], ["cxr", "predict"]])
+@pytest.mark.parametrize("where", ["file_in_the_way", "cannot_create"])
+def test_unwritable_output_folder_is_a_usage_error_and_nothing_is_written(command, where, tmp_path, capsys):
+    """One line naming the folder, exit 2, no traceback, before any model loads; nothing written anywhere."""
+    blocker = tmp_path / "results"
+    blocker.write_text("a file where the output folder should go")
+    out = blocker / "run1" if where == "cannot_create" else blocker
+    scan = str(PROJECT_ROOT / "ctcovid" / "demo_data" / "chest_ct_2_slices")
+    argv = {"predict": [scan, "--allow-2d"], "demo": [], "cxr": [scan]}[command[0]]
+    before = sorted(tmp_path.rglob("*"))
+    assert main([*command, *argv, "--out", str(out)]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert str(blocker) in lines[0]
+    assert ("in the way" if where == "file_in_the_way" else "cannot be created") in lines[0]
+    assert sorted(tmp_path.rglob("*")) == before
+
+
 def test_bad_option_values(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["predict", str(tmp_path), "--out", str(tmp_path / "o"), "--batch-size", "0"])

@@ -15,7 +15,7 @@ EXIT_INTERRUPTED = 130
 EXIT_CODES_HELP = f"""exit codes:
   {EXIT_OK}    all images ok
   {EXIT_IMAGES_FAILED}    some images failed (status and reason in summary.csv); the others were processed
-  {EXIT_USAGE}    usage error; nothing was run
+  {EXIT_USAGE}    usage error (bad option, an output folder that cannot be written); nothing was run
   {EXIT_MODELS}    a model or the viral threshold is missing (the message says which bundle and how to make it)
   {EXIT_INTERRUPTED}  interrupted; the images done so far are in --out"""
 
@@ -210,7 +210,13 @@ def _expand(images: list[str]) -> list[str]:
 
 def run_predict(args) -> int:
     from ctcovid.cxr.runs import run_cascade
+    from ctcovid.io.atomic import OutputFolderError, check_output_folder
 
+    try:
+        check_output_folder(args.out)
+    except OutputFolderError as e:
+        _error(str(e))
+        return EXIT_USAGE
     cascade = _load_cascade(args)
     if isinstance(cascade, int):
         return cascade

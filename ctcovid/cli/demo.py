@@ -13,7 +13,15 @@ import json
 import sys
 from pathlib import Path
 
-from .predict import EXIT_OK, EXIT_SCANS_FAILED, add_pipeline_arguments, build_pipeline, error
+from .predict import (
+    EXIT_OK,
+    EXIT_SCANS_FAILED,
+    EXIT_USAGE,
+    add_pipeline_arguments,
+    build_pipeline,
+    error,
+    output_folder_ok,
+)
 
 DEFAULT_OUT = "ctcovid_demo_output"
 
@@ -59,6 +67,8 @@ def run(args) -> int:
     print(
         f"ctcovid demo: input {inputs[0]} (real chest CT, 2 axial slices at heart level, built in)"
     )
+    if not output_folder_ok("demo", args.out):
+        return EXIT_USAGE
     pipeline = build_pipeline(args, "demo", skip_missing=True, allow_2d=True)
     if isinstance(pipeline, int):
         return pipeline

@@ -15,7 +15,7 @@ EXIT_INTERRUPTED = 130  # Ctrl-C: finished scans are kept; re-run the same comma
 EXIT_CODES_HELP = f"""exit codes:
   {EXIT_OK}    all scans ok (or already done)
   {EXIT_SCANS_FAILED}    some scans failed (status and reason in summary.csv); the others were processed
-  {EXIT_USAGE}    usage error (missing input path, bad option); nothing was run
+  {EXIT_USAGE}    usage error (missing input path, bad option, an output folder that cannot be written); nothing was run
   {EXIT_MODELS}    a model could not be loaded (missing weights name the bundle and how to train it)
   {EXIT_INTERRUPTED}  interrupted; re-run the same command to resume where it stopped"""
 
@@ -206,8 +206,22 @@ def discover(args):
         return EXIT_USAGE
 
 
+def output_folder_ok(command: str, out) -> bool:
+    """Check ``out`` can be created and written before any model loads; print one line and return False if not."""
+    from ctcovid.io.atomic import OutputFolderError, check_output_folder
+
+    try:
+        check_output_folder(out)
+    except OutputFolderError as e:
+        error(command, str(e))
+        return False
+    return True
+
+
 def predict_scans(args, scans, summary_name: str = "summary.csv", verbose: bool = True) -> int:
     """Load the pipeline and run it on ``scans``; returns the exit code."""
+    if not output_folder_ok("predict", args.out):
+        return EXIT_USAGE
     pipeline = build_pipeline(args, "predict", skip_missing=not args.require_all, allow_2d=args.allow_2d)
     if isinstance(pipeline, int):
         return pipeline

@@ -114,9 +114,42 @@ def _jsonable(obj: object) -> object:
 
 
 __all__ = [
+    "OutputFolderError",
     "atomic_write",
+    "check_output_folder",
     "write_bytes_atomic",
     "write_csv_atomic",
     "write_json_atomic",
     "write_nifti_atomic",
 ]
+
+
+class OutputFolderError(OSError):
+    """An output folder that cannot be created or written; the message names it and says why."""
+
+
+def check_output_folder(path: str | os.PathLike) -> Path:
+    """Check, before any work, that ``path`` can be created (if missing) and written, without creating it.
+
+    Probes with a temporary file, removed at once, in ``path`` or, when it does not exist yet, in its nearest
+    existing parent folder; nothing is left behind either way. Raises :class:`OutputFolderError` naming the
+    folder: a file in the way, a parent that is not a folder, or no write permission / read-only file system.
+    """
+    out = Path(path)
+    probe_dir = out
+    while not probe_dir.exists():
+        if probe_dir.parent == probe_dir:
+            break
+        probe_dir = probe_dir.parent
+    if probe_dir == out and out.exists() and not out.is_dir():
+        raise OutputFolderError(f"output folder {out}: a file of that name is in the way")
+    if not probe_dir.is_dir():
+        raise OutputFolderError(f"output folder {out} cannot be created: {probe_dir} is not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(dir=probe_dir, prefix=".ctcovid-write-check-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        what = "is not writable" if probe_dir == out else f"cannot be created in {probe_dir}"
+        raise OutputFolderError(f"output folder {out} {what}: {e.strerror or e}") from None
+    return out
