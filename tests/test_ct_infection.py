@@ -190,3 +190,37 @@ def test_committed_datalist_is_rebuilt_exactly_and_keeps_test_patients_out(share
     assert {it["case"] for it in built["validation"]} == {"ma2020/ma0970", "ma2020/ma1376"}
     train_ma = {it["image"] for it in built["training"] if it["source"] == "ma2020"}
     assert train_ma.isdisjoint(it["image"] for it in built["validation"])
+
+
+def test_full_disk_while_writing_fails_the_scan_and_leaves_no_partial_outputs(tmp_path, monkeypatch, medseg_dir):
+    """The disk fills up after the masks are written, at the montage: the scan is recorded failed with the
+    reason, its masks are removed again, no temporary file remains, and the batch goes on."""
+    import errno
+
+    import ctcovid.ct.montage as montage
+    from ctcovid.ct import CTCovidPipeline
+    from ctcovid.running import run_batch
+
+    if not _shipped():
+        pytest.skip(f"{INFECTION_BUNDLE} has no shipped weights")
+
+    def disk_full(path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    import nibabel as nib
+
+    src = nib.load(medseg_dir / "images" / "rp4.nii.gz")
+    scan = tmp_path / "rp4_six.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(src.dataobj[:, :, 16:22], dtype=np.float32), src.affine), scan)
+    monkeypatch.setattr(montage, "save_montage_png", disk_full)
+    out = tmp_path / "out"
+    pipeline = CTCovidPipeline(device="cpu", gradcam=False)
+    corrupt = tmp_path / "corrupt.nii.gz"
+    corrupt.write_bytes(b"not a NIfTI file")
+    report = run_batch([scan, corrupt], out, pipeline, progress=False)
+    assert [r["status"] for r in report.rows] == ["failed", "failed"]  # the batch went on to the next input
+    assert "No space left on device" in report.rows[0]["reason"]
+    rec = json.loads((out / "rp4_six.json").read_text())
+    assert rec["status"] == "failed" and "No space left" in rec["reason"]
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["corrupt.json", "rp4_six.json", "summary.csv"], names  # no mask, no temporary file

@@ -167,19 +167,35 @@ class CTResult:
         }
 
     def save(self, out_dir: str | os.PathLike, montage: bool = True) -> dict[str, Path]:
-        """Write ``<id>_lung_mask.nii.gz``, for DICOM inputs ``<id>_seg.dcm`` (DICOM SEG), ``<id>_montage.png``
-        and then ``<id>.json`` into ``out_dir``.
+        """Write ``<id>_lung_mask.nii.gz``, ``<id>_infection_mask.nii.gz`` (when lesions were segmented), for
+        DICOM inputs ``<id>_seg.dcm`` (DICOM SEG), ``<id>_montage.png`` and then ``<id>.json`` into ``out_dir``.
 
         Each file is written atomically; the JSON goes last, so its presence means the others are complete
-        (the resume check relies on that). A failed result writes only its JSON record.
+        (the resume check relies on that). When a write fails (a full disk), the files this call already
+        wrote are removed before the error propagates. A failed result writes only its JSON record.
         """
-        from ctcovid.io.atomic import write_json_atomic, write_nifti_atomic
-
-        from .montage import pick_montage_slices, save_montage_png
+        from ctcovid.io.atomic import write_json_atomic
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         written: dict[str, Path] = {}
+        try:
+            self._write_outputs(out, montage, written)
+            self.outputs = {k: p.name for k, p in written.items()}
+            self.outputs["record"] = f"{self.scan_id}.json"
+            written["record"] = write_json_atomic(self.to_dict(), out / f"{self.scan_id}.json")
+        except BaseException:  # e.g. a full disk: no file of a half-saved scan stays behind
+            for p in written.values():
+                p.unlink(missing_ok=True)
+            raise
+        return written
+
+    def _write_outputs(self, out: Path, montage: bool, written: dict[str, Path]) -> None:
+        """Masks, DICOM SEG and montage into ``out``; each file goes into ``written`` as soon as it exists."""
+        from ctcovid.io.atomic import write_nifti_atomic
+
+        from .montage import pick_montage_slices, save_montage_png
+
         if self.status == "ok" and self.lung_mask is not None and self.affine is not None:
             written["lung_mask"] = write_nifti_atomic(
                 self.lung_mask.astype(np.uint8), self.affine, out / f"{self.scan_id}_lung_mask.nii.gz"
@@ -207,10 +223,6 @@ class CTResult:
                 note=note,
             )
             self.timings_s["montage"] = time.perf_counter() - t  # the costliest output (~1 s of matplotlib)
-        self.outputs = {k: p.name for k, p in written.items()}
-        self.outputs["record"] = f"{self.scan_id}.json"
-        written["record"] = write_json_atomic(self.to_dict(), out / f"{self.scan_id}.json")
-        return written
 
     def _lesion_area(self) -> list[int] | None:
         if self.infection_mask is None:
