@@ -15,15 +15,24 @@ from ctcovid.running.memory import release_free_memory
 
 from .result import CTResult
 
-__all__ = ["NormalizedViews", "ScanContext", "take_slices"]
+__all__ = ["NormalizedViews", "ScanContext", "slice_index", "take_slices"]
+
+
+def slice_index(kept: Sequence[int]) -> slice | list[int]:
+    """``kept`` slice indices as an index for the last axis: a ``slice`` when they are one consecutive run,
+    as kept lung slices usually are (indexing then gives a view, no copy of a 300-slice volume), else a list."""
+    if len(kept) and list(kept) == list(range(kept[0], kept[0] + len(kept))):
+        return slice(kept[0], kept[0] + len(kept))
+    return list(kept)
 
 
 def take_slices(volume: torch.Tensor, kept: Sequence[int]) -> torch.Tensor:
-    """``(C, X, Y, Z)`` -> ``(C, X, Y, K)`` slices ``kept``: a view (no copy of a 300-slice volume) when
-    they are one consecutive run, as kept lung slices usually are; else a gathered copy."""
-    if len(kept) and list(kept) == list(range(kept[0], kept[0] + len(kept))):
-        return volume[..., kept[0] : kept[0] + len(kept)]
-    return volume.index_select(volume.ndim - 1, torch.as_tensor(list(kept), dtype=torch.long))
+    """``(C, X, Y, Z)`` -> ``(C, X, Y, K)`` slices ``kept``: a view when they are consecutive
+    (:func:`slice_index`), else a gathered copy."""
+    index = slice_index(kept)
+    if isinstance(index, slice):
+        return volume[..., index]
+    return volume.index_select(volume.ndim - 1, torch.as_tensor(index, dtype=torch.long))
 
 
 class NormalizedViews:

@@ -92,6 +92,11 @@ class CTResult:
     affine: np.ndarray | None = field(default=None, repr=False)  # (4, 4) index -> RAS mm
 
     @property
+    def voxel_ml(self) -> float | None:
+        """Volume of one voxel in ml (``None`` when the spacing is unknown, e.g. slice-image folders)."""
+        return float(np.prod(self.spacing_mm)) / 1000.0 if self.spacing_known else None
+
+    @property
     def slices_kept(self) -> int:
         return len(self.kept_slices)
 
@@ -118,7 +123,7 @@ class CTResult:
             }
         infection = None
         if self.infection_voxels is not None:
-            voxel_ml = float(np.prod(self.spacing_mm)) / 1000.0 if self.spacing_known else None
+            voxel_ml = self.voxel_ml
             infection = {
                 "infection_voxels": self.infection_voxels,
                 "infection_volume_ml": self.infection_volume_ml,

@@ -127,6 +127,22 @@ class CTPipelineInfer(InferTask):
             "record": record,
         }
 
+    def answer_with_labels(
+        self, result: CTResult, labels, label_names: dict[str, int], seconds: float, cached: bool
+    ) -> tuple[str, dict]:
+        """Write the ``labels`` map (study grid, the reader's affine) to a temporary NIfTI for MONAI Label to
+        send, and the JSON answer beside it: label names, :meth:`summary`, cache flag and latencies."""
+        from ctcovid.io.atomic import write_nifti_atomic
+
+        t0 = time.perf_counter()
+        fd, out = tempfile.mkstemp(prefix=f"ctcovid_{'_'.join(label_names)}_", suffix=".nii.gz")
+        os.close(fd)
+        # the mask is in the reader's grid, which is the file's own (no reorientation), with its affine
+        write_nifti_atomic(labels.astype("uint8"), result.affine, out)
+        answer = {"label_names": dict(label_names), **self.summary(result), "cached": cached}
+        answer["latencies"] = _latencies(result, seconds, time.perf_counter() - t0, cached)
+        return out, answer
+
     def __call__(self, request: dict) -> tuple[str | None, dict]:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -156,18 +172,8 @@ class LungSegmentationInfer(CTPipelineInfer):
         return str(path) if path.is_file() else None
 
     def __call__(self, request: dict) -> tuple[str | None, dict]:
-        from ctcovid.io.atomic import write_nifti_atomic
-
         result, seconds, cached = self.run_pipeline(request)
-        t0 = time.perf_counter()
-        fd, out = tempfile.mkstemp(prefix="ctcovid_lung_", suffix=".nii.gz")
-        os.close(fd)
-        # the mask is in the reader's grid, which is the file's own (no reorientation), with its affine
-        write_nifti_atomic(result.lung_mask.astype("uint8"), result.affine, out)
-        write_s = time.perf_counter() - t0
-        answer = {"label_names": dict(LUNG_LABELS), **self.summary(result), "cached": cached}
-        answer["latencies"] = _latencies(result, seconds, write_s, cached)
-        return out, answer
+        return self.answer_with_labels(result, result.lung_mask, LUNG_LABELS, seconds, cached)
 
 
 class LungInfectionSegmentationInfer(CTPipelineInfer):
@@ -193,25 +199,14 @@ class LungInfectionSegmentationInfer(CTPipelineInfer):
         return str(path) if path.is_file() else None
 
     def __call__(self, request: dict) -> tuple[str | None, dict]:
-        import numpy as np
-
-        from ctcovid.io.atomic import write_nifti_atomic
-
         result, seconds, cached = self.run_pipeline(request)
         if result.infection_mask is None:
             raise HTTPException(
                 status_code=503, detail=f"model not available: infection {result.stages.get('infection', 'not run')}"
             )
-        t0 = time.perf_counter()
-        labels = result.lung_mask.astype(np.uint8)  # 0/1
+        labels = result.lung_mask.astype("uint8")  # 0/1
         labels[result.infection_mask > 0] = INFECTION_LABELS["infection"]
-        fd, out = tempfile.mkstemp(prefix="ctcovid_infection_", suffix=".nii.gz")
-        os.close(fd)
-        write_nifti_atomic(labels, result.affine, out)
-        write_s = time.perf_counter() - t0
-        answer = {"label_names": dict(INFECTION_LABELS), **self.summary(result), "cached": cached}
-        answer["latencies"] = _latencies(result, seconds, write_s, cached)
-        return out, answer
+        return self.answer_with_labels(result, labels, INFECTION_LABELS, seconds, cached)
 
 
 class CovidClassificationInfer(CTPipelineInfer):

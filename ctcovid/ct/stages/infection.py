@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ctcovid.ct.context import slice_index
 from ctcovid.ct.involvement import ct_severity_grade, involvement_percent, lung_hull, split_lungs
 from ctcovid.ct.mask_cleanup import clean_mask
 
@@ -72,8 +73,7 @@ class InfectionSegmentationStage(SliceSegmentationStage):
     def measure(self, res, found: np.ndarray, kept) -> None:
         """Fill the result's infection mask, per-lung involvement and grade from ``found`` ``(X, Y, K)``."""
         lung = res.lung_mask
-        if list(kept) == list(range(kept[0], kept[0] + len(kept))):
-            kept = slice(kept[0], kept[0] + len(kept))  # a view, not a gather along the last axis
+        kept = slice_index(kept)  # consecutive slices: views, not gathers along the last axis
         kept_lung = lung[:, :, kept] > 0
         found = found.astype(bool)
         outside = found & ~kept_lung
@@ -89,7 +89,7 @@ class InfectionSegmentationStage(SliceSegmentationStage):
             lung = lung.copy()
             lung[:, :, kept] = grown
             res.lung_mask = lung
-        voxel_ml = float(np.prod(res.spacing_mm)) / 1000.0 if res.spacing_known else None
+        voxel_ml = res.voxel_ml
         res.lung_voxels = int(np.count_nonzero(res.lung_mask))
         res.infection_voxels = int(np.count_nonzero(infection))
         res.lung_mask_added_voxels = int(np.count_nonzero(added))

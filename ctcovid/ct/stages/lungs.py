@@ -3,8 +3,6 @@ own 3D clean-up; the mask is in the input's geometry and gives the lung volume."
 
 from __future__ import annotations
 
-import numpy as np
-
 from ctcovid.ct.mask_cleanup import clean_mask
 
 from .slice_segmentation import SliceSegmentationStage
@@ -29,5 +27,5 @@ class LungSegmentationStage(SliceSegmentationStage):
         with ctx.timed("mask_cleanup"):  # 3D connected components: timed apart from the network stage
             res.lung_mask = clean_mask(mask, self.cleanup)
         res.lung_voxels = int(res.lung_mask.sum())
-        if res.spacing_known:
-            res.lung_volume_ml = res.lung_voxels * float(np.prod(res.spacing_mm)) / 1000.0
+        if res.voxel_ml is not None:
+            res.lung_volume_ml = res.lung_voxels * res.voxel_ml
