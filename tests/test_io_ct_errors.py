@@ -90,14 +90,17 @@ def test_missing_middle_slice_reports_the_gap(series_copy, covid_run):
 
 
 def test_duplicate_slice_under_another_name(series_copy, covid_run):
-    """An anonymised series (no SOPInstanceUID) cannot tell a copy from a clash: duplicate position error."""
+    """An anonymised series (no SOPInstanceUID) with one slice written twice: the copy has identical pixels at
+    the same position, so it is dropped and the note names both files (issue 15: de-duplicate, do not refuse)."""
     src = covid_run[2][0]
+    before = load_ct(series_copy)
     shutil.copy2(src, series_copy / "IM9999.dcm")
-    with pytest.raises(
-        SlicePositionError, match=r"duplicate slice position: slices \((IM\d+\.dcm)\) and \((IM\d+\.dcm)\)"
-    ) as err:
-        load_ct(series_copy)
-    assert src.name in str(err.value) and "IM9999.dcm" in str(err.value)
+    img = load_ct(series_copy)
+    assert img.shape == before.shape
+    np.testing.assert_array_equal(img[0].numpy(), before[0].numpy())
+    notes = img.meta["input_notes"]
+    assert "dropped 1 duplicate slice(s) at the same position with identical pixels" in notes
+    assert src.name in notes and "IM9999.dcm" in notes
 
 
 def test_exact_copy_of_an_instance_is_dropped_but_a_clash_is_not(shared_data, tmp_path, caplog):
@@ -109,10 +112,17 @@ def test_exact_copy_of_an_instance_is_dropped_but_a_clash_is_not(shared_data, tm
         img = load_ct(folder)
     assert img.shape[-1] == 2 and "byte-identical duplicate" in img.meta["series_selection"]
     assert any("duplicate" in r.getMessage() for r in caplog.records)
-    # a different instance at the same position is a real conflict
+    # another instance with the same pixels at the same position is a slice written twice: dropped with a note
     ds = _read(folder / "1.dcm")
     ds.SOPInstanceUID = pydicom.uid.generate_uid()
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    _save(ds, folder / "1 (copy).dcm")
+    img = load_ct(folder)
+    assert img.shape[-1] == 2 and "duplicate slice(s) at the same position" in img.meta["input_notes"]
+    # one with different pixels at the same position is a real conflict
+    arr = ds.pixel_array.copy()
+    arr[:8] = arr.max()
+    ds.PixelData = arr.tobytes()
     _save(ds, folder / "1 (copy).dcm")
     with pytest.raises(SlicePositionError, match="duplicate slice position"):
         load_ct(folder)

@@ -179,7 +179,8 @@ def scan_line(row: dict) -> str:
         parts.append(f"involvement not measured ({row.get('infection_status')})")
     if row.get("prediction"):
         parts.append(f"P(COVID-19) {num('covid_probability'):.3f} -> {row['prediction']}")
-    return f"  {row['scan_id']}: " + ", ".join(parts)
+    notes = "".join(f"\n    note: {n}" for n in str(row.get("input_notes") or "").split(" | ") if n)
+    return f"  {row['scan_id']}: " + ", ".join(parts) + notes
 
 
 def run(args) -> int:

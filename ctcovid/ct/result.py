@@ -85,6 +85,9 @@ class CTResult:
     outputs: dict[str, str] = field(default_factory=dict)
     run: dict[str, Any] = field(default_factory=dict)
     output_notes: dict[str, str] = field(default_factory=dict)
+    input_notes: list[str] = field(default_factory=list)
+    tilt_drift_voxels: list[float] | None = None
+    input_orientation: str | None = None  # axis codes of a non-axial input (masks are written back in them)
     lung_mask: np.ndarray | None = field(default=None, repr=False)  # (X, Y, Z) uint8
     infection_mask: np.ndarray | None = field(default=None, repr=False)  # (X, Y, Z) uint8
     image: np.ndarray | None = field(default=None, repr=False)  # (X, Y, Z) float32 in [0, 1]
@@ -147,6 +150,9 @@ class CTResult:
                 "spacing_mm": self.spacing_mm,
                 "spacing_known": self.spacing_known,
                 "intensity_domain": self.intensity_domain,
+                "input_notes": list(self.input_notes),
+                "gantry_tilt_drift_voxels": self.tilt_drift_voxels,
+                "input_orientation": self.input_orientation,
             },
             "status": self.status,
             "reason": self.reason,
@@ -201,14 +207,10 @@ class CTResult:
 
         from .montage import pick_montage_slices, save_montage_png
 
-        if self.status == "ok" and self.lung_mask is not None and self.affine is not None:
-            written["lung_mask"] = write_nifti_atomic(
-                self.lung_mask.astype(np.uint8), self.affine, out / f"{self.scan_id}_lung_mask.nii.gz"
-            )
-        if self.status == "ok" and self.infection_mask is not None and self.affine is not None:
-            written["infection_mask"] = write_nifti_atomic(
-                self.infection_mask.astype(np.uint8), self.affine, out / f"{self.scan_id}_infection_mask.nii.gz"
-            )
+        for key, mask in (("lung_mask", self.lung_mask), ("infection_mask", self.infection_mask)):
+            if self.status == "ok" and mask is not None and self.affine is not None:
+                array, affine = self.in_input_order(mask.astype(np.uint8))
+                written[key] = write_nifti_atomic(array, affine, out / f"{self.scan_id}_{key}.nii.gz")
         if self.status == "ok" and self.source_format == "dicom" and self.lung_mask is not None:
             seg = self._save_dicom_seg(out / f"{self.scan_id}_seg.dcm")
             if seg is not None:
@@ -234,6 +236,12 @@ class CTResult:
             return None
         return [int(np.count_nonzero(self.infection_mask[:, :, k])) for k in self.kept_slices]
 
+    def in_input_order(self, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(mask, affine)`` in the input file's voxel order (undoes a reorientation to axial)."""
+        from ctcovid.io.orientation import to_input_order
+
+        return to_input_order(mask, self.affine, self.input_orientation or "")
+
     def _save_dicom_seg(self, path: Path) -> Path | None:
         """The masks as a DICOM SEG referencing the source series; ``None`` (and why, in
         ``output_notes``) when the series cannot be referenced. The SEG is an extra: its failure never
@@ -243,9 +251,13 @@ class CTResult:
 
         t = time.perf_counter()
         try:
-            masks = {"lung": self.lung_mask}
+            masks = {"lung": self.in_input_order(self.lung_mask)[0]}
             if self.infection_mask is not None:
-                masks["infection"] = self.infection_mask
+                masks["infection"] = self.in_input_order(self.infection_mask)[0]
+            if self.tilt_drift_voxels:  # SEG frames lie on the acquired (tilted) slices, not the corrected grid
+                from ctcovid.io.gantry_tilt import to_acquired_grid
+
+                masks = {k: to_acquired_grid(m, self.tilt_drift_voxels) for k, m in masks.items()}
             return write_dicom_seg(masks, dicom_series_files(self.path), path)
         except Exception as e:  # noqa: BLE001 -- recorded with its type; the scan's other outputs stand
             from ctcovid.io.errors import CTInputError
@@ -316,6 +328,7 @@ class CTResult:
         "detection_status",
         "severity",
         "severity_status",
+        "input_notes",
     )
 
     @staticmethod
@@ -373,6 +386,7 @@ class CTResult:
             "detection_status": stage_status("detection"),
             "severity": sev.get("grade"),
             "severity_status": stage_status("severity"),
+            "input_notes": " | ".join((record.get("scan") or {}).get("input_notes") or []),
         }
         for name, p in (sev.get("probabilities") or {}).items():
             row[f"p_{name}"] = _round4(p)

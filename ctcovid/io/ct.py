@@ -12,7 +12,13 @@ import os
 from monai.data import MetaTensor
 from pydicom.uid import UID
 
-from ctcovid.io.ct_volume import IntensityDomain, check_finite, infer_intensity_domain, make_ct_image
+from ctcovid.io.ct_volume import (
+    IntensityDomain,
+    check_finite,
+    check_volume_size,
+    infer_intensity_domain,
+    make_ct_image,
+)
 from ctcovid.io.dicom_decode import Backend, decode_series
 from ctcovid.io.dicom_headers import DicomHeader, read_header
 from ctcovid.io.dicom_series import check_series_geometry, choose_series
@@ -22,8 +28,10 @@ from ctcovid.io.errors import (
     InputNotFoundError,
     UnsupportedFormatError,
 )
+from ctcovid.io.gantry_tilt import correct_gantry_tilt
 from ctcovid.io.image_slices import IMAGE_EXTENSIONS, SLICES_AFFINE, read_image_slice, read_slice_stack
 from ctcovid.io.nifti import is_nifti, read_nifti
+from ctcovid.io.orientation import AXIAL_CODES, to_axial
 
 __all__ = ["dicom_series_files", "load_ct"]
 
@@ -139,8 +147,17 @@ def _load_dicom(
             source, f"holds a single-slice CT series ({chosen[0].name}); a CT volume is required"
         )
     geom = check_series_geometry(chosen, source)
+    check_volume_size((geom.headers[0].columns, geom.headers[0].rows, len(geom.headers)), source)
     array, used = decode_series(geom.headers, backend)
     check_finite(array, source)
+    array, affine, tilt = correct_gantry_tilt(array, geom.affine)
+    array, affine, input_codes = to_axial(array, affine)
+    # choose_series appends "; ..." parts only for something to report: other series, excluded files (localizers,
+    # other modalities), dropped copies, derived series, a missing Modality
+    notes = [n for n in (note if ";" in note else "", *geom.notes, tilt.note() if tilt else "") if n]
+    notes += [_reorientation_note(input_codes)] if input_codes else []
+    for n in notes:
+        logger.warning("%s: %s", source, n)
     if all(h.has_rescale for h in geom.headers):
         detected, reason = "hu", "DICOM CT rescaled with RescaleSlope/RescaleIntercept"
     else:
@@ -152,7 +169,7 @@ def _load_dicom(
     logger.debug("%s: decoded %d slices with %s", source, len(geom.headers), used)
     return make_ct_image(
         array,
-        geom.affine,
+        affine,
         source_path=source,
         source_format="dicom",
         domain=dom,
@@ -160,6 +177,9 @@ def _load_dicom(
         spacing_known=geom.spacing_known,
         series_instance_uid=geom.headers[0].series_uid,
         series_selection=note,
+        input_notes=notes,
+        tilt_drift_voxels=tilt.drift_voxels if tilt else (0.0, 0.0),
+        input_orientation=input_codes,
         transfer_syntax=", ".join(UID(s).name or s for s in syntaxes),
     )
 
@@ -170,8 +190,20 @@ def _load_nifti(path: str, *, allow_2d: bool, domain: IntensityDomain | None) ->
     detected, reason = infer_intensity_domain(array)
     dom, reason = _resolve_domain(domain, detected, reason)
     logger.info("%s: intensity domain %s (%s)", path, dom, reason)
+    array, affine, input_codes = to_axial(array, affine) if array.shape[2] > 1 else (array, affine, "")
+    notes = [_reorientation_note(input_codes)] if input_codes else []
+    for n in notes:
+        logger.warning("%s: %s", path, n)
     return make_ct_image(
-        array, affine, source_path=path, source_format="nifti", domain=dom, domain_reason=reason
+        array, affine, source_path=path, source_format="nifti", domain=dom, domain_reason=reason,
+        input_notes=notes, input_orientation=input_codes,
+    )
+
+
+def _reorientation_note(input_codes: str) -> str:
+    return (
+        f"stored with axis codes {input_codes} (slices not axial): reoriented to {''.join(AXIAL_CODES)} for the "
+        "networks; masks are written back in the file's own voxel order"
     )
 
 

@@ -30,6 +30,13 @@ collate batches of mixed sources):
 ``series_instance_uid``   str, DICOM SeriesInstanceUID ("" for other formats)
 ``series_selection``      str, which DICOM series was chosen and why ("" for other formats)
 ``transfer_syntax``       str, DICOM transfer syntax name(s) ("" for other formats)
+``input_notes``           str, what the reader changed or chose that a user should know, "; "-separated:
+                          series chosen among several, files dropped, duplicate slices removed, a gantry
+                          tilt corrected, a reorientation ("" when nothing)
+``input_orientation``     str, the input's axis codes when it was reoriented to axial ("" when stored axially;
+                          :mod:`ctcovid.io.orientation`)
+``tilt_drift_voxels``     tuple of 2 floats, in-plane shift per slice undone by the gantry-tilt correction
+                          ((0, 0) when none; :mod:`ctcovid.io.gantry_tilt`)
 ========================  =========================================================================
 
 ``spacing``, ``orientation``, ``num_slices`` and ``spatial_shape`` describe the volume *as loaded*; after
@@ -48,7 +55,7 @@ import torch
 from monai.data import MetaTensor
 from monai.utils import SpaceKeys
 
-from ctcovid.io.errors import NonFiniteValuesError
+from ctcovid.io.errors import NonFiniteValuesError, VolumeTooLargeError
 
 __all__ = [
     "IntensityDomain",
@@ -57,7 +64,27 @@ __all__ = [
     "make_ct_image",
     "check_finite",
     "HU_AIR_LUNG_BAND",
+    "MAX_VOXELS",
+    "check_volume_size",
 ]
+
+#: Largest volume read (voxels): 2048 x 2048 x 1000 slices, 16 GB in float32 -- several times any chest CT
+#: (512 x 512 x 1000 is 262 M). Larger headers are a corrupt or wrong file; ``CTCOVID_MAX_VOXELS`` overrides.
+MAX_VOXELS = 2048 * 2048 * 1000
+
+
+def check_volume_size(shape, source: str | os.PathLike) -> None:
+    """Refuse a volume whose header says it has more than ``CTCOVID_MAX_VOXELS`` voxels, before reading it."""
+    limit = int(os.environ.get("CTCOVID_MAX_VOXELS", MAX_VOXELS))
+    n = int(np.prod([int(s) for s in shape], dtype=np.float64))
+    if n > limit:
+        dims = " x ".join(str(int(s)) for s in shape)
+        raise VolumeTooLargeError(
+            source,
+            f"is {dims} = {n / 1e6:.0f} M voxels ({4 * n / 2**30:.1f} GiB as float32), over the limit of "
+            f"{limit / 1e6:.0f} M voxels; not read (a corrupt header or not a CT volume? set CTCOVID_MAX_VOXELS "
+            "to raise the limit)",
+        )
 
 IntensityDomain = Literal["hu", "display"]
 SourceFormat = Literal["dicom", "nifti", "slices"]
@@ -148,6 +175,9 @@ def make_ct_image(
     series_instance_uid: str = "",
     series_selection: str = "",
     transfer_syntax: str = "",
+    input_notes: list[str] | tuple[str, ...] = (),
+    tilt_drift_voxels: tuple[float, float] = (0.0, 0.0),
+    input_orientation: str = "",
 ) -> MetaTensor:
     """Wrap an (X, Y, Z) array and its RAS affine into a (1, X, Y, Z) float32 ``MetaTensor`` with the full metadata."""
     arr = _c_order_xyz(np.asarray(array_xyz, dtype=np.float32))
@@ -173,5 +203,8 @@ def make_ct_image(
         "series_instance_uid": series_instance_uid,
         "series_selection": series_selection,
         "transfer_syntax": transfer_syntax,
+        "input_notes": "; ".join(input_notes),
+        "tilt_drift_voxels": tuple(float(v) for v in tilt_drift_voxels),
+        "input_orientation": input_orientation,
     }
     return MetaTensor(torch.from_numpy(arr).unsqueeze(0), meta=meta)

@@ -45,6 +45,7 @@ class SeriesGeometry:
     affine: np.ndarray
     step: float | None
     spacing_known: bool
+    notes: tuple[str, ...] = ()
 
 
 def _exclusion_reason(h: DicomHeader) -> str | None:
@@ -233,6 +234,7 @@ def check_series_geometry(headers: Sequence[DicomHeader], source: str | os.PathL
         raise SlicePositionError(source, str(e)) from e
     order, dist = order_slices([h.position for h in hs], normal)
     ordered = [hs[i] for i in order]
+    ordered, dist, dup_note = _drop_same_position_copies(ordered, np.asarray(dist))
     step = check_slice_distances(dist, labels=[h.name for h in ordered], source=source)
 
     first = np.asarray(ordered[0].position)
@@ -250,4 +252,38 @@ def check_series_geometry(headers: Sequence[DicomHeader], source: str | os.PathL
         spacing_known = spacing_known and thickness is not None and thickness > 0
         slice_vec = normal * (thickness if thickness and thickness > 0 else 1.0)
     affine = dicom_affine_ras(first, ref_iop, ref_ps, slice_vec)
-    return SeriesGeometry(headers=tuple(ordered), affine=affine, step=step, spacing_known=spacing_known)
+    return SeriesGeometry(
+        headers=tuple(ordered), affine=affine, step=step, spacing_known=spacing_known,
+        notes=(dup_note,) if dup_note else (),
+    )
+
+
+def _pixel_bytes(h: DicomHeader) -> bytes:
+    import pydicom
+
+    ds = pydicom.dcmread(h.path, force=True)
+    return bytes(ds.PixelData) if "PixelData" in ds else b""
+
+
+def _drop_same_position_copies(
+    ordered: list[DicomHeader], dist: np.ndarray, tol: float = 0.01
+) -> tuple[list[DicomHeader], np.ndarray, str]:
+    """Drop slices at the position of the slice before them whose pixel data is identical (an export that wrote a
+    slice twice under two SOP instance UIDs). Slices at one position with different pixels stay: the position
+    check then refuses the series, since which one is right cannot be known."""
+    keep = np.ones(len(ordered), dtype=bool)
+    dropped: list[str] = []
+    for i in range(1, len(ordered)):
+        j = i - 1
+        while j > 0 and not keep[j]:
+            j -= 1
+        if abs(dist[i] - dist[j]) <= tol and _pixel_bytes(ordered[i]) == _pixel_bytes(ordered[j]):
+            keep[i] = False
+            dropped.append(f"{ordered[i].name} (= {ordered[j].name})")
+    if not dropped:
+        return ordered, dist, ""
+    note = (
+        f"dropped {len(dropped)} duplicate slice(s) at the same position with identical pixels: "
+        + ", ".join(dropped[:5]) + (" ..." if len(dropped) > 5 else "")
+    )
+    return [h for h, k in zip(ordered, keep) if k], dist[keep], note

@@ -71,6 +71,11 @@ class ImageQualityError(CTInputError):
     """An image fails a quality check (too blurry, contrast too low or too high); the message says which."""
 
 
+class VolumeTooLargeError(CTInputError):
+    """A volume's size, known from its headers, is beyond what the pipeline reads (refused before any pixel is
+    read); the limit is ``CTCOVID_MAX_VOXELS``."""
+
+
 __all__ = [
     "CTInputError",
     "EmptyInputError",
@@ -86,4 +91,5 @@ __all__ = [
     "UnsupportedFormatError",
     "CheckpointMismatchError",
     "ImageQualityError",
+    "VolumeTooLargeError",
 ]

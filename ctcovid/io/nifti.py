@@ -11,7 +11,8 @@ import os
 import nibabel as nib
 import numpy as np
 
-from ctcovid.io.errors import CorruptFileError, DimensionalityError
+from ctcovid.io.ct_volume import check_volume_size
+from ctcovid.io.errors import CorruptFileError, DimensionalityError, VolumeTooLargeError
 
 __all__ = ["NIFTI_SUFFIXES", "is_nifti", "read_nifti"]
 
@@ -38,9 +39,10 @@ def read_nifti(path: str | os.PathLike, *, allow_2d: bool = False) -> tuple[np.n
         img = nib.load(path)
         if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
             raise CorruptFileError(path, f"is not a NIfTI image (nibabel read it as {type(img).__name__})")
+        check_volume_size(img.shape, path)  # from the header: refuse before the data is read
         data = img.get_fdata(dtype=np.float32)
         affine = np.asarray(img.affine, dtype=np.float64)
-    except CorruptFileError:
+    except (CorruptFileError, VolumeTooLargeError):
         raise
     except MemoryError:
         raise

@@ -132,6 +132,15 @@ def check_slice_distances(
     if bad.size == 0:
         return step
 
+    change = _spacing_change(diffs, bad, tol)
+    if change is not None:
+        i, before, after = change
+        raise SlicePositionError(
+            source,
+            f"slice spacing changes from {before:.3f} mm to {after:.3f} mm at position {d[i]:.3f} mm"
+            f"{_fmt_label(labels, i)}: the series mixes two slice spacings (two reconstructions or protocols "
+            "stored as one series); export a series with one spacing",
+        )
     problems = []
     for i in bad[:3]:
         i = int(i)
@@ -174,3 +183,18 @@ def dicom_affine_ras(
     lps[:3, 2] = np.asarray(slice_vector, dtype=np.float64)
     lps[:3, 3] = np.asarray(first_position, dtype=np.float64)
     return LPS_TO_RAS @ lps
+
+
+def _spacing_change(diffs: np.ndarray, bad: np.ndarray, tol: float) -> tuple[int, float, float] | None:
+    """``(index, step before, step after)`` when the irregular steps are one run of three or more equal steps
+    reaching an end of the series -- a change of spacing, not missing slices (which are isolated gaps)."""
+    if bad.size < 3 or np.any(np.diff(bad) != 1) or not (bad[0] == 0 or bad[-1] == diffs.size - 1):
+        return None
+    run = diffs[bad]
+    if np.ptp(run) > 2 * tol:
+        return None
+    good = np.delete(diffs, bad)
+    regular = float(np.median(good))
+    if bad[0] == 0:  # the irregular run comes first
+        return int(bad[-1] + 1), float(np.median(run)), regular
+    return int(bad[0]), regular, float(np.median(run))

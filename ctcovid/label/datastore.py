@@ -6,7 +6,8 @@ CT series, sorted by position, rescaled to HU), to ``<studies>/<folder name>.nii
 the series' own geometry; it is converted again when the folder changes. MONAI Label's DICOMweb
 datastore does the same conversion for PACS studies.
 
-Saving a label checks it before it reaches the training set: unknown image -> 404; a label that is not
+An upload (``PUT /datastore/``) must be a readable 3D NIfTI under a plain id, else 4xx and nothing is stored
+(:func:`ctcovid.label.access.check_upload`). Saving a label checks it before it reaches the training set: unknown image -> 404; a label that is not
 a NIfTI file or whose voxel grid differs from the image's -> 422, each with a message that says so.
 """
 
@@ -21,6 +22,7 @@ from fastapi import HTTPException
 from monailabel.datastore.local import LocalDatastore
 
 from ctcovid.io.errors import CTInputError
+from ctcovid.label.access import check_study_id, check_upload
 
 __all__ = ["CTStudiesDatastore", "convert_dicom_series"]
 
@@ -99,11 +101,25 @@ class CTStudiesDatastore(LocalDatastore):
         s["dicom_series"] = dict(self.conversions)
         return s
 
+    def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
+        # MONAI Label derives the id from the upload's file name when none is given
+        if not image_id:
+            name = os.path.basename(image_filename)
+            image_id = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else os.path.splitext(name)[0]
+        check_upload(image_id, image_filename)
+        return super().add_image(image_id, image_filename, image_info)
+
+    def remove_image(self, image_id: str) -> None:
+        if image_id not in self.list_images():
+            raise HTTPException(status_code=404, detail=f"unknown image id {image_id!r}: not in the datastore")
+        return super().remove_image(image_id)
+
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
         if image_id not in self.list_images():
             raise HTTPException(
                 status_code=404, detail=f"unknown image id {image_id!r}: not in the datastore ({len(self.list_images())} images)"
             )
+        check_study_id(label_tag)  # the tag names a folder under labels/
         self._check_label(image_id, label_filename)
         return super().save_label(image_id, label_filename, label_tag, label_info)
 

@@ -137,8 +137,8 @@ class CTPipelineInfer(InferTask):
         t0 = time.perf_counter()
         fd, out = tempfile.mkstemp(prefix=f"ctcovid_{'_'.join(label_names)}_", suffix=".nii.gz")
         os.close(fd)
-        # the mask is in the reader's grid, which is the file's own (no reorientation), with its affine
-        write_nifti_atomic(labels.astype("uint8"), result.affine, out)
+        # back in the study file's own voxel order (a non-axial study was reoriented for the networks)
+        write_nifti_atomic(*result.in_input_order(labels.astype("uint8")), out)
         answer = {"label_names": dict(label_names), **self.summary(result), "cached": cached}
         answer["latencies"] = _latencies(result, seconds, time.perf_counter() - t0, cached)
         return out, answer

@@ -207,6 +207,106 @@ def test_bad_requests_get_4xx_with_a_message_and_the_server_keeps_serving(server
     assert not labels["totalseg_ct_sm"]["labels"]  # nothing bad was saved
 
 
+def _write_nifti(path: Path, shape: tuple[int, ...]) -> Path:
+    import nibabel as nib
+
+    data = np.random.default_rng(0).integers(-1000, 400, size=shape).astype(np.int16)
+    nib.save(nib.Nifti1Image(data, np.diag([0.8, 0.8, 2.5, 1.0])), str(path))
+    return path
+
+
+def test_image_is_only_ever_a_study_id_never_a_server_path(server, tmp_path):
+    # a readable CT on the server's disk, outside the studies folder: must not be segmented, and the answer
+    # must not tell whether it exists (same answer as for a path that does not)
+    outside = _write_nifti(tmp_path / "outside.nii.gz", (32, 32, 8))
+    answers = {}
+    for name, image in {
+        "existing path": str(outside),
+        "missing path": str(tmp_path / "missing.nii.gz"),
+        "traversal": "../" * 8 + str(outside).lstrip("/"),
+        "study file path": str(server.studies / "medseg_rp6.nii.gz"),
+    }.items():
+        r = _infer(server, "lung_segmentation", image)
+        answers[name] = r
+        assert r.status_code == 404, (name, r.text[:300])
+        assert "never server paths" in r.json()["detail"]
+    # the same refusal when the path comes in the params JSON, which MONAI Label merges over ?image=
+    r = _post(server, "/infer/lung_segmentation", params={"image": "medseg_rp6"},
+              data={"params": json.dumps({"image": str(outside)})})
+    assert r.status_code == 404 and "never server paths" in r.json()["detail"]
+    assert "label" not in r.headers.get("content-type", "")
+    # the 404 body differs only by the echoed name, so existence does not leak
+    existing = answers["existing path"].json()["detail"].replace(str(outside), "X")
+    missing = answers["missing path"].json()["detail"].replace(str(tmp_path / "missing.nii.gz"), "X")
+    assert existing == missing
+
+
+def test_uploads_that_are_not_a_readable_volume_are_refused_and_not_stored(server, tmp_path):
+    import requests
+
+    def put(image_id, filename, payload):
+        params = {"image": image_id} if image_id is not None else {}
+        return requests.put(f"{server.url}/datastore/", params=params, files={"file": (filename, payload)}, timeout=60)
+
+    before = set(p.name for p in server.studies.iterdir())
+    ct = data_path("fixtures", "totalsegmentator_example_ct", "example_ct_sm.nii.gz").read_bytes()
+    cases = {
+        "text named .nii.gz": (put("bad_text", "scan.nii.gz", b"this is not a volume\n" * 100), 422),
+        "cut gzip stream": (put("bad_cut", "scan.nii.gz", ct[: len(ct) // 2]), 422),
+        "not NIfTI": (put("bad_txt", "notes.txt", b"hello"), 415),
+        "one DICOM file": (put("bad_dcm", "slice.dcm", b"\0" * 128 + b"DICM"), 415),
+        "2D image": (put("bad_2d", "slice.nii.gz", _write_nifti(tmp_path / "flat.nii.gz", (64, 64)).read_bytes()), 422),
+        "traversal id": (put("../../escaped", "scan.nii.gz", ct), 422),
+        "hidden id": (put(".hidden", "scan.nii.gz", ct), 422),
+    }
+    for name, (r, status) in cases.items():
+        assert r.status_code == status, (name, r.status_code, r.text[:300])
+        assert r.json()["detail"], name
+    assert set(p.name for p in server.studies.iterdir()) == before  # nothing stored
+    assert not (server.studies.parent / "escaped.nii.gz").exists()
+    ids = set(_get(server, "/datastore/", params={"output": "all"}).json()["objects"])
+    assert not {i for i in ids if i.startswith("bad_")}
+
+    # a label tag names a folder: no traversal there either
+    with open(data_path("ct", "medseg", "lung_masks", "rp6.nii.gz"), "rb") as f:
+        r = requests.put(f"{server.url}/datastore/label", params={"image": "medseg_rp6", "tag": "../../x"},
+                         files={"label": ("label.nii.gz", f)}, timeout=60)
+    assert r.status_code == 422
+
+    # a readable volume is stored under its id, can be removed again, and removing it twice is 404
+    good = _write_nifti(tmp_path / "good.nii.gz", (48, 48, 12)).read_bytes()
+    r = put("uploaded_ok", "good.nii.gz", good)
+    assert r.status_code == 200, r.text[:300]
+    assert (server.studies / "uploaded_ok.nii.gz").is_file()
+    assert requests.delete(f"{server.url}/datastore/", params={"id": "uploaded_ok"}, timeout=60).status_code == 200
+    assert requests.delete(f"{server.url}/datastore/", params={"id": "uploaded_ok"}, timeout=60).status_code == 404
+
+
+def test_server_answers_a_burst_of_bad_requests_and_keeps_serving(server, tmp_path):
+    import requests
+
+    outside = str(_write_nifti(tmp_path / "outside.nii.gz", (16, 16, 4)))
+
+    def bad(i: int):
+        kind = i % 4
+        if kind == 0:
+            return _infer(server, "lung_segmentation", outside).status_code
+        if kind == 1:
+            return _infer(server, "lung_segmentation", f"no_such_study_{i}").status_code
+        if kind == 2:
+            return requests.put(f"{server.url}/datastore/", params={"image": f"junk_{i}"},
+                                files={"file": ("x.nii.gz", b"junk" * 64)}, timeout=60).status_code
+        return _infer(server, f"no_such_model_{i}", "medseg_rp6").status_code
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        codes = list(pool.map(bad, range(64)))
+    assert all(400 <= c < 500 for c in codes), codes
+    assert _get(server, "/info/").status_code == 200
+    assert server.proc.poll() is None
+    ids = set(_get(server, "/datastore/", params={"output": "all"}).json()["objects"])
+    assert not {i for i in ids if i.startswith("junk_")}
+
+
 def test_concurrent_infer_requests_on_a_dicom_series_study_all_succeed(server, tmp_path):
     from ctcovid.io import load_ct
 

@@ -114,3 +114,31 @@ def test_dicom_series_folders_become_nifti_studies(tmp_path):
     np.testing.assert_allclose(nii.affine, np.asarray(ref.meta["affine"]), atol=1e-4)
     np.testing.assert_array_equal(np.asarray(nii.dataobj, dtype=np.float32), ref[0].numpy())
     assert convert_dicom_series(tmp_path)["chest"] == "up to date"
+
+
+def test_infer_image_must_be_a_study_id_or_a_file_monailabel_made(tmp_path):
+    import tempfile
+
+    from fastapi import HTTPException
+
+    from ctcovid.label.access import check_infer_image, check_study_id
+
+    ids = ["rp6", "ct_sm"]
+    check_infer_image("rp6", ids)  # a study id
+    upload = os.path.join(tempfile.gettempdir(), "tmpa1b2c3d4.nii.gz")  # MONAI Label's upload temp file
+    check_infer_image(upload, ids)
+    sessions = str(tmp_path / "sessions")
+    check_infer_image(os.path.join(sessions, "abc", "image.nii.gz"), ids, sessions)
+    for bad in ("/etc/passwd", "../rp6", "rp6/../../etc/passwd", os.path.join(tempfile.gettempdir(), "evil.nii.gz"),
+                os.path.join(tempfile.gettempdir(), "tmpa1b2", "..", "..", "etc", "passwd"),
+                os.path.join(sessions, "..", "x.nii.gz"), sessions, "RP6"):
+        with pytest.raises(HTTPException) as e:
+            check_infer_image(bad, ids, sessions)
+        assert e.value.status_code == 404, bad
+    with pytest.raises(HTTPException) as e:
+        check_infer_image(None, ids)
+    assert e.value.status_code == 422
+    assert check_study_id("patient_01.v2") == "patient_01.v2"
+    for bad in ("", ".hidden", "a/b", "..", "a" * 201, "x\\y"):
+        with pytest.raises(HTTPException):
+            check_study_id(bad)

@@ -10,8 +10,10 @@ Start (loopback, offline: nothing is downloaded at start-up or later)::
 (``covid`` | ``always`` | ``never``), ``batch_size``, ``covid_threshold``.
 
 Models: ``lung_segmentation`` and ``lung_infection_segmentation`` (segmentation, lung 1 / lesions 2; both
-trainable from saved labels), ``covid_detection`` and ``covid_severity`` (classification, JSON). Bad requests are answered 4xx with a message: unknown model or image id (404),
-unusable study (422), a model whose weights are missing (503).
+trainable from saved labels), ``covid_detection`` and ``covid_severity`` (classification, JSON). Bad requests are answered 4xx with a message: unknown model or image id (404; an
+``image`` is only ever a study id of the datastore, never a server path: :mod:`ctcovid.label.access`), unusable
+study or upload (415/422), a model whose weights are missing (503). The server has no authentication and no TLS:
+see docs/monai_label.md for running it behind a reverse proxy that does both.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from monailabel.tasks.activelearning.random import Random  # noqa: E402
 
 import ctcovid  # noqa: E402
 from ctcovid.ct.pipeline import DEFAULT_BUNDLES  # noqa: E402
+from ctcovid.label.access import check_infer_image  # noqa: E402
 from ctcovid.label.datastore import CTStudiesDatastore  # noqa: E402
 from ctcovid.label.infer import (  # noqa: E402
     INFECTION_LABELS,
@@ -126,15 +129,9 @@ class CTCovidLabelApp(MONAILabelApp):
             raise HTTPException(
                 status_code=404, detail=f"unknown model {model!r}; this server has {sorted(self._infers)}"
             )
-        image = request.get("image")
-        if isinstance(image, str) and image and not os.path.exists(image):
-            ds = datastore or self.datastore()
-            if image not in ds.list_images():
-                raise HTTPException(
-                    status_code=404,
-                    detail=f"unknown image id {image!r}: not in the datastore ({len(ds.list_images())} images; "
-                    "GET /datastore/?output=all lists them)",
-                )
+        ds = datastore or self.datastore()
+        sessions = self.sessions()
+        check_infer_image(request.get("image"), ds.list_images(), getattr(sessions, "store_path", None))
         return super().infer(request, datastore)
 
     def bundle_path(self, model):
