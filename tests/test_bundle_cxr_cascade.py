@@ -42,6 +42,7 @@ SIZE = [64, 64]
 
 def _run(bundle_dir: Path, configs: list[str], **overrides) -> ConfigWorkflow:
     files = [str(bundle_dir / "configs" / c) for c in configs]
+    overrides.setdefault("ckpt_dir", str(bundle_dir / "models"))  # never the user's ~/.cache training folder
     wf = ConfigWorkflow(config_file=files, workflow_type=None, bundle_root=str(bundle_dir), logging_file=False,
                         **overrides)
     wf.initialize()
@@ -109,7 +110,7 @@ def test_short_training_checkpoint_is_loaded_by_inference(trained_root, name, tm
     info = json.loads((bdir / "models" / "train_info.json").read_text())
     assert info["spatial_size"] == SIZE and info["moex"] is True
     assert sum(info["training_images"].values()) == spec["train_limit"]
-    assert (bdir / "train_logs" / "metrics.csv").is_file()
+    assert (bdir / "models" / "train_logs" / "metrics.csv").is_file()
     data = data_path(*spec["data"])
     images = [it["image"] for it in load_datalist(bdir / "configs" / "datalist.json", "test", data, limit=3)]
     datalist = [{"image": f, "name": Path(f).name} for f in images]
@@ -228,3 +229,29 @@ def test_regional_learning_with_segmenter_masks(tmp_path):
     assert len(trainer.state.output) == 4  # a batch of 2 images became 2 originals + 2 lung-only copies
     assert (root / STAGE2_BUNDLE / "models" / "model.pt").is_file()
     assert json.loads((root / STAGE2_BUNDLE / "models" / "train_info.json").read_text())["moex"] is False
+
+
+@pytest.mark.slow
+def test_stopped_training_resumes_where_it_was(tmp_path):
+    """Stage-1 training stopped after epoch 1 of 2 (the process ends): ``--resume True`` restores the model,
+    optimizer, schedule and best metric from the epoch checkpoint and runs epoch 2 only."""
+    from ctcovid.training.handlers import latest_checkpoint
+
+    data_path("cxr", "kermany")
+    bdir = tmp_path / STAGE1_BUNDLE
+    shutil.copytree(bundles_root() / STAGE1_BUNDLE / "configs", bdir / "configs")
+    small = dict(spatial_size=SIZE, train_limit=6, val_limit=3, batch_size=3, val_batch_size=3, num_workers=0, epochs=2)
+    first = _run(bdir, ["train.json"], **{**small, "epochs": 2}, **{"train#trainer#max_epochs": 1})
+    assert first.parser.get_parsed_content("train#trainer").state.epoch == 1
+    ckpt = bdir / "models"
+    assert latest_checkpoint(ckpt).endswith("epoch=1.pt")
+    resumed = _run(bdir, ["train.json"], **small, resume=True)
+    state = resumed.parser.get_parsed_content("train#trainer").state
+    assert state.epoch == 2 and state.iteration == 4  # 2 iterations per epoch, the first epoch not repeated
+    assert latest_checkpoint(ckpt).endswith("epoch=2.pt")
+    epochs = [row["epoch"] for row in csv.DictReader(open(ckpt / "train_logs" / "metrics.csv"))]
+    # the resumed run appended epoch 2 to the stopped run's log; a resume that restarted from scratch would
+    # have logged epochs 1 and 2 again (1, 1, 2)
+    assert epochs == ["1", "2"]
+    # the cosine schedule went on from where it stopped (T_max = 2 epochs: the last lr is 0)
+    assert float(list(csv.DictReader(open(ckpt / "train_logs" / "metrics.csv")))[-1]["lr"]) == pytest.approx(0.0, abs=1e-9)

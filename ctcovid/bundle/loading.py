@@ -153,8 +153,15 @@ def _state_dict(obj: Any, path: Path) -> dict:
             obj = only
     if not isinstance(obj, Mapping):
         raise BundleError(f"{path}: not a state dict (got {type(obj).__name__})")
-    # strip DistributedDataParallel's "module." prefix
-    return {(k[7:] if k.startswith("module.") else k): v for k, v in obj.items()}
+    # strip DistributedDataParallel's "module." prefix; weights stored in half precision to stay under the
+    # repository's file size limit (ctcovid.training.export_weights) run in float32
+    return {(k[7:] if k.startswith("module.") else k): _as_float32(v) for k, v in obj.items()}
+
+
+def _as_float32(t: Any) -> Any:
+    if isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16):
+        return t.float()
+    return t
 
 
 class _ConfigError(Exception):

@@ -32,9 +32,9 @@ class CascadeWeightsError(MissingWeightsError):
         for stage, bundle, bdir in self.missing:
             lines.append(f"  - {stage} ({bundle}): {Path(bdir) / 'models' / 'model.pt'} is missing")
         lines.append(
-            "No X-ray weights ship with ctcovid (SEME-ResNet50 ~95 MB, SE-DenseNet169 ~50 MB). Train each bundle "
-            "with `python -m monai.bundle run --config_file <bundle>/configs/train.json`, then calibrate the "
-            "viral threshold with `ctcovid cxr calibrate` (see the bundles' docs/README.md)."
+            "ctcovid's own bundles ship these weights; a bundle folder without them (--bundle-dir, a copy of the "
+            "configs only) must be trained: `python -m monai.bundle run --config_file <bundle>/configs/train.json`, "
+            "then calibrate the viral threshold with `ctcovid cxr calibrate` (see the bundles' docs/README.md)."
         )
         return "\n".join(lines)
 

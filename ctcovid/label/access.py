@@ -21,7 +21,7 @@ from collections.abc import Iterable
 
 from fastapi import HTTPException
 
-__all__ = ["STUDY_ID", "check_infer_image", "check_study_id", "check_upload"]
+__all__ = ["STUDY_ID", "check_infer_image", "check_study_id", "check_upload", "read_nifti_or_4xx"]
 
 #: A study id: a file name stem, no folder separators, not starting with a dot.
 STUDY_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")
@@ -81,27 +81,35 @@ def check_upload(image_id: object, filename: str) -> None:
     not when a model first opens it. DICOM series are not uploaded one file at a time; they are put as
     folders in the studies folder, which the datastore converts at start.
     """
-    import nibabel as nib
     import numpy as np
 
     check_study_id(image_id)
-    name = os.path.basename(filename)
-    if not name.endswith((".nii", ".nii.gz")):
-        raise HTTPException(
-            status_code=415,
-            detail=f"upload for {image_id!r}: {name!r} is not a NIfTI file (.nii / .nii.gz). Put DICOM series as "
-            "folders in the studies folder instead: the server converts them when it starts.",
-        )
+    what = f"upload for {image_id!r}"
+    img = read_nifti_or_4xx(
+        filename, what, 415, "put DICOM series as folders in the studies folder instead: the server converts them "
+        "when it starts"
+    )
     try:
-        img = nib.load(filename)
         shape = tuple(int(s) for s in img.shape)
         data = np.asanyarray(img.dataobj)
     except Exception as e:  # nibabel raises many types for damaged files
-        raise HTTPException(
-            status_code=422, detail=f"upload for {image_id!r}: not a readable NIfTI file ({type(e).__name__}: {e})"
-        ) from e
+        raise HTTPException(status_code=422, detail=f"{what}: not a readable NIfTI file ({type(e).__name__}: {e})") from e
     squeezed = [s for s in shape if s != 1]
     if len(shape) < 3 or len(squeezed) != 3 or min(shape[:3]) < 2:
         raise HTTPException(status_code=422, detail=f"upload for {image_id!r}: not a 3D volume (shape {shape})")
     if not np.issubdtype(data.dtype, np.number):
         raise HTTPException(status_code=422, detail=f"upload for {image_id!r}: voxel type {data.dtype} is not numeric")
+
+
+def read_nifti_or_4xx(filename: str, what: str, not_nifti_status: int, hint: str):
+    """``nibabel`` image of ``filename``; ``not_nifti_status`` when its name is not ``.nii``/``.nii.gz``, 422 when
+    nibabel cannot read it. ``what`` starts the message (e.g. ``"label for 'rp6'"``)."""
+    import nibabel as nib
+
+    name = os.path.basename(filename)
+    if not name.endswith((".nii", ".nii.gz")):
+        raise HTTPException(status_code=not_nifti_status, detail=f"{what}: {name!r} is not NIfTI (.nii / .nii.gz); {hint}")
+    try:
+        return nib.load(filename)
+    except Exception as e:  # nibabel raises many types for damaged files
+        raise HTTPException(status_code=422, detail=f"{what}: not a readable NIfTI file ({type(e).__name__}: {e})") from e

@@ -22,7 +22,7 @@ from fastapi import HTTPException
 from monailabel.datastore.local import LocalDatastore
 
 from ctcovid.io.errors import CTInputError
-from ctcovid.label.access import check_study_id, check_upload
+from ctcovid.label.access import check_study_id, check_upload, read_nifti_or_4xx
 
 __all__ = ["CTStudiesDatastore", "convert_dicom_series"]
 
@@ -128,20 +128,11 @@ class CTStudiesDatastore(LocalDatastore):
         import nibabel as nib
         import numpy as np
 
-        name = os.path.basename(label_filename)
-        if not name.endswith((".nii", ".nii.gz")):
-            raise HTTPException(
-                status_code=422,
-                detail=f"label for {image_id!r}: {name} is not NIfTI; save labels as .nii.gz "
-                "(3D Slicer MONAI Label module: file extension .nii.gz)",
-            )
-        try:
-            label = nib.load(label_filename)
-            shape = tuple(int(s) for s in label.shape[:3])
-        except Exception as e:  # nibabel raises many types for damaged files
-            raise HTTPException(
-                status_code=422, detail=f"label for {image_id!r}: not a readable NIfTI file ({type(e).__name__}: {e})"
-            ) from e
+        what = f"label for {image_id!r}"
+        label = read_nifti_or_4xx(
+            label_filename, what, 422, "save labels as .nii.gz (3D Slicer MONAI Label module: file extension .nii.gz)"
+        )
+        shape = tuple(int(s) for s in label.shape[:3])
         image = nib.load(self.get_image_uri(image_id))
         if shape != tuple(int(s) for s in image.shape[:3]):
             raise HTTPException(
