@@ -224,3 +224,19 @@ def test_full_disk_while_writing_fails_the_scan_and_leaves_no_partial_outputs(tm
     assert rec["status"] == "failed" and "No space left" in rec["reason"]
     names = sorted(p.name for p in out.iterdir())
     assert names == ["corrupt.json", "rp4_six.json", "summary.csv"], names  # no mask, no temporary file
+
+
+def test_rerun_recomputes_a_scan_whose_lesion_mask_was_deleted(heldout_run, lesion_pipeline, medseg_dir, tmp_path):
+    """Resume trusts a finished record only while every file it lists is still there (the lesion mask is not
+    one of the outputs every scan has, so it is checked from the record's ``outputs``)."""
+    import shutil
+
+    from ctcovid.running import run_batch
+
+    out = shutil.copytree(heldout_run, tmp_path / "out")
+    (out / "rp8_infection_mask.nii.gz").unlink()
+    inputs = [medseg_dir / "images" / f"{case}.nii.gz" for case in ("rp4", "rp8")]
+    report = run_batch(inputs, out, lesion_pipeline, progress=False)
+    reused = {r["scan_id"]: r["reused"] for r in report.rows}
+    assert reused == {"rp4": True, "rp8": False}
+    assert (out / "rp8_infection_mask.nii.gz").is_file()

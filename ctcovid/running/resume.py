@@ -68,7 +68,9 @@ def load_done_record(
     """Return the finished record at ``json_path`` if it is ``ok`` with resume key ``key``, else ``None``.
 
     ``required`` lists output files that must also still exist (mask, montage) for the scan to count as
-    done. A record that cannot be parsed counts as not done (it is recomputed and overwritten).
+    done, and so must every file the record itself lists in ``outputs`` (names next to ``json_path``: a lesion
+    mask or DICOM SEG that only some scans have). A record that cannot be parsed counts as not done (it is
+    recomputed and overwritten).
     """
     try:
         with open(json_path, encoding="utf-8") as f:
@@ -79,6 +81,11 @@ def load_done_record(
         return None
     if not all(Path(r).is_file() for r in required):
         return None
+    listed = record.get("outputs")
+    if isinstance(listed, dict):
+        folder = Path(json_path).parent
+        if not all((folder / name).is_file() for name in listed.values() if isinstance(name, str) and name):
+            return None
     return record
 
 
