@@ -78,8 +78,6 @@ def correct_gantry_tilt(
         ``(volume, affine, correction)``; the inputs unchanged and ``None`` when the shear is below
         :data:`MIN_SHEAR` of the slice step.
     """
-    from scipy import ndimage
-
     aff = np.asarray(affine, dtype=np.float64)
     normal, distance, drift = slice_shear(aff)
     step = float(np.linalg.norm(aff[:3, 2]))
@@ -89,14 +87,8 @@ def correct_gantry_tilt(
     # drift in voxels of the first two axes (they are orthogonal for DICOM: row and column directions)
     per_slice = np.array([drift @ cols[:, a] / (cols[:, a] @ cols[:, a]) for a in range(2)])
     fill_value = float(np.min(volume_xyz)) if fill is None else float(fill)
-    out = np.empty_like(volume_xyz)
-    for k in range(volume_xyz.shape[2]):
-        # new voxel (i, j, k) sits where old voxel (i - k*dx, j - k*dy, k) is; ndimage.shift(x, s)[p] = x[p - s]
-        shift = (k * per_slice[0], k * per_slice[1])
-        if np.allclose(shift, np.round(shift), atol=1e-6):  # whole voxels: exact, no interpolation blur
-            out[:, :, k] = _shift_whole(volume_xyz[:, :, k], np.round(shift).astype(int), fill_value)
-        else:
-            out[:, :, k] = ndimage.shift(volume_xyz[:, :, k], shift, order=1, mode="constant", cval=fill_value)
+    # new voxel (i, j, k) sits where old voxel (i - k*dx, j - k*dy, k) is
+    out = _shift_slices(volume_xyz, per_slice, order=1, fill=fill_value)
     new_aff = aff.copy()
     new_aff[:3, 2] = normal * distance
     tilt = math.degrees(math.atan2(float(np.linalg.norm(drift)), distance))
@@ -115,14 +107,19 @@ def _shift_whole(plane: np.ndarray, shift: np.ndarray, fill: float) -> np.ndarra
 def to_acquired_grid(mask_xyz: np.ndarray, drift_voxels) -> np.ndarray:
     """A mask on the corrected grid shifted back onto the acquired (tilted) slices, nearest neighbour: what a
     DICOM SEG referencing the original slices needs (the inverse of :func:`correct_gantry_tilt`)."""
+    return _shift_slices(mask_xyz, -np.asarray(drift_voxels, dtype=np.float64), order=0, fill=0)
+
+
+def _shift_slices(volume_xyz: np.ndarray, per_slice: np.ndarray, order: int, fill: float) -> np.ndarray:
+    """Slice ``k`` shifted in-plane by ``k * per_slice`` voxels (``out[p] = in[p - shift]``); whole-voxel shifts
+    are exact (no interpolation blur), others use ``scipy.ndimage.shift`` of spline ``order``."""
     from scipy import ndimage
 
-    out = np.zeros_like(mask_xyz)
-    dx, dy = (float(v) for v in drift_voxels)
-    for k in range(mask_xyz.shape[2]):
-        shift = (-k * dx, -k * dy)
+    out = np.empty_like(volume_xyz)
+    for k in range(volume_xyz.shape[2]):
+        shift = (k * float(per_slice[0]), k * float(per_slice[1]))
         if np.allclose(shift, np.round(shift), atol=1e-6):
-            out[:, :, k] = _shift_whole(mask_xyz[:, :, k], np.round(shift).astype(int), 0)
+            out[:, :, k] = _shift_whole(volume_xyz[:, :, k], np.round(shift).astype(int), fill)
         else:
-            out[:, :, k] = ndimage.shift(mask_xyz[:, :, k], shift, order=0, mode="constant", cval=0)
+            out[:, :, k] = ndimage.shift(volume_xyz[:, :, k], shift, order=order, mode="constant", cval=fill)
     return out

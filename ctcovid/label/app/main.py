@@ -13,7 +13,7 @@ Models: ``lung_segmentation`` and ``lung_infection_segmentation`` (segmentation,
 trainable from saved labels), ``covid_detection`` and ``covid_severity`` (classification, JSON). Bad requests are answered 4xx with a message: unknown model or image id (404; an
 ``image`` is only ever a study id of the datastore, never a server path: :mod:`ctcovid.label.access`), unusable
 study or upload (415/422), a model whose weights are missing (503). The server has no authentication and no TLS:
-see docs/monai_label.md for running it behind a reverse proxy that does both.
+see docs/monai_label_security.md for running it behind a reverse proxy that does both.
 """
 
 from __future__ import annotations
