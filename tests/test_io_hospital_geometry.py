@@ -135,7 +135,8 @@ def test_tilted_scan_masks_land_on_the_scan_in_nibabel_simpleitk_and_itk(seg_onl
     ref = pipeline(straight)
     got = pipeline(tilted)
     assert got.status == "ok", got.reason
-    assert any("gantry tilt" in n for n in got.to_dict()["scan"]["input_notes"])
+    tilt_notes = [n for n in got.to_dict()["scan"]["input_notes"] if "gantry tilt" in n]
+    assert len(tilt_notes) == 1 and tilt_notes[0].endswith("outputs are on the corrected grid")  # one whole note
     # true voxel volume: same lung volume as the untilted scan, up to the rows lost at the field of view's edge
     assert got.lung_volume_ml == pytest.approx(ref.lung_volume_ml, rel=0.03)
     got.save(tmp_path, montage=False)
@@ -266,3 +267,15 @@ def test_absurd_volume_size_is_refused_from_the_header_before_reading(tmp_path, 
         load_ct(straight)
     monkeypatch.setenv("CTCOVID_MAX_VOXELS", str(512 * 512 * N_SLICES))
     assert load_ct(straight).shape[-1] == N_SLICES
+
+
+def test_console_line_prints_each_input_note_on_its_own_line():
+    from ctcovid.cli.predict import scan_line
+
+    row = {"scan_id": "s1", "status": "ok", "lung_volume_ml": "4000", "lung_involvement_percent": "",
+           "infection_status": "skipped: no weights",
+           "input_notes": "chose series #2 (x, 40 slice(s)); other series: series #99 | gantry tilt 15.0 deg: resampled"}
+    lines = scan_line(row).splitlines()
+    assert lines[0].startswith("  s1: lung 4000 ml")
+    assert lines[1:] == ["    note: chose series #2 (x, 40 slice(s)); other series: series #99",
+                         "    note: gantry tilt 15.0 deg: resampled"]

@@ -352,7 +352,7 @@ def _describe(res: CTResult, volume, meta: dict) -> None:
     res.intensity_domain = meta.get("intensity_domain")
     res.slices_read = int(volume.shape[-1])
     res.affine = np.asarray(meta.get("original_affine", meta.get("affine", np.eye(4))), dtype=np.float64)
-    res.input_notes = [n for n in str(meta.get("input_notes") or "").split("; ") if n]
+    res.input_notes = [n for n in str(meta.get("input_notes") or "").split("\n") if n]
     drift = [float(v) for v in meta.get("tilt_drift_voxels", (0.0, 0.0))]
     res.tilt_drift_voxels = drift if any(drift) else None
     res.input_orientation = str(meta.get("input_orientation") or "") or None

@@ -30,7 +30,7 @@ collate batches of mixed sources):
 ``series_instance_uid``   str, DICOM SeriesInstanceUID ("" for other formats)
 ``series_selection``      str, which DICOM series was chosen and why ("" for other formats)
 ``transfer_syntax``       str, DICOM transfer syntax name(s) ("" for other formats)
-``input_notes``           str, what the reader changed or chose that a user should know, "; "-separated:
+``input_notes``           str, what the reader changed or chose that a user should know, one note per line:
                           series chosen among several, files dropped, duplicate slices removed, a gantry
                           tilt corrected, a reorientation ("" when nothing)
 ``input_orientation``     str, the input's axis codes when it was reoriented to axial ("" when stored axially;
@@ -203,7 +203,7 @@ def make_ct_image(
         "series_instance_uid": series_instance_uid,
         "series_selection": series_selection,
         "transfer_syntax": transfer_syntax,
-        "input_notes": "; ".join(input_notes),
+        "input_notes": "\n".join(input_notes),  # the notes contain "; " themselves
         "tilt_drift_voxels": tuple(float(v) for v in tilt_drift_voxels),
         "input_orientation": input_orientation,
     }
