@@ -101,3 +101,45 @@ def test_montage_picks_lesion_slices_and_keeps_context():
     assert {15, 43, 44, 68} <= set(picked)  # every slice with lesion (4 <= 8 // 2)
     assert picked[0] == 10 and picked[-1] == 69  # still spans the lungs
     assert pick_montage_slices(kept, max_tiles=8) == pick_montage_slices(kept, 8, lesion_area=[0] * 60)
+
+
+@pytest.mark.parametrize("kept", [[2, 3, 4, 5, 6, 7, 8], [2, 3, 4, 6, 7, 8]], ids=["consecutive", "gap"])
+def test_lesion_stage_measure_matches_whole_volume_arithmetic(kept):
+    """InfectionSegmentationStage.measure works slice by slice on views (memory, issue 15); it must give what
+    the plain whole-volume formulas give, for consecutive kept slices (views) and a gap (copies): lesions
+    outside the kept slices ignored, a lesion in a notch of the lung outline added to both masks."""
+    from ctcovid.ct.result import CTResult
+    from ctcovid.ct.stages.infection import InfectionSegmentationStage
+
+    lung = np.zeros((40, 30, 12), np.uint8)
+    lung[4:16, 5:25, 2:10] = 1  # patient's left (small x) ...
+    lung[22:36, 5:25, 2:10] = 1  # ... and right lung
+    lung[4:8, 12:18, 3] = 0  # a notch at the outer edge of one lung on slice 3
+    found_full = np.zeros_like(lung)
+    found_full[4:10, 10:20, 3] = 1  # lesion filling the notch and reaching into the lung
+    found_full[25:30, 8:12, 5:8] = 1  # lesion in the right lung (slice 5 may be dropped)
+    found_full[0:3, 0:3, 4] = 1  # outside any lung: never counted
+    res = CTResult(scan_id="t", path="t")
+    res.lung_mask, res.spacing_mm, res.affine = lung.copy(), [1.0, 1.0, 2.0], np.diag([1.0, 1.0, 2.0, 1.0])
+    res.spacing_known = True
+    stage = InfectionSegmentationStage()
+    stage.min_involvement = 0.0
+    stage.measure(res, found_full[:, :, kept].copy(), kept)
+
+    kept_lung = np.zeros(lung.shape, bool)
+    kept_lung[:, :, kept] = lung[:, :, kept] > 0
+    found = np.zeros(lung.shape, bool)
+    found[:, :, kept] = found_full[:, :, kept] > 0
+    hull = np.zeros(lung.shape, bool)
+    hull[:, :, kept] = lung_hull(kept_lung[:, :, kept])
+    added = found & ~kept_lung & hull
+    infection = (found & kept_lung) | added
+    assert added.sum() > 0 and found_full[:, :, 5].any()
+    np.testing.assert_array_equal(res.infection_mask, infection.astype(np.uint8))
+    np.testing.assert_array_equal(res.lung_mask > 0, (lung > 0) | added)
+    assert res.lung_mask_added_voxels == added.sum()
+    lung_after = (lung > 0) | added
+    assert res.lung_involvement_percent == pytest.approx(100 * infection.sum() / lung_after.sum())
+    right, left = split_lungs(lung_after, res.affine)
+    assert res.lungs["right"]["infection_volume_ml"] == pytest.approx((infection & right).sum() * 2 / 1000)
+    assert res.lungs["left"]["volume_ml"] == pytest.approx(left.sum() * 2 / 1000)

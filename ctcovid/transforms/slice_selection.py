@@ -63,9 +63,24 @@ class SelectLungSlices(Transform):
     def __call__(self, img: NdarrayOrTensor, slice_prob: NdarrayOrTensor | Sequence[float]) -> torch.Tensor:
         img = as_volume_tensor(img)
         check_volume(img, "SelectLungSlices")
-        name = source_name(img)
+        keep = self.kept_indices(slice_prob, img.shape[-1], source_name(img))
+        out = img.index_select(img.ndim - 1, keep.to(img.device))
+        if isinstance(out, MetaTensor):
+            kept = keep.tolist()
+            earlier = kept_slices_from_meta(img.meta)
+            if earlier is not None and len(earlier) == img.shape[-1]:
+                kept = [earlier[i] for i in kept]
+            out.meta = dict(out.meta)  # never write into the input's meta dict
+            out.meta[KEPT_SLICES_KEY] = ",".join(map(str, kept))
+        return out
+
+    def kept_indices(
+        self, slice_prob: NdarrayOrTensor | Sequence[float], n_slices: int, name: str = "scan"
+    ) -> torch.Tensor:
+        """``(K,)`` int64 indices of the slices ``__call__`` keeps, without copying a volume (the pipeline
+        needs only the indices: copying the kept slices of a 1000-slice scan cost 1 GB); raises
+        :class:`NoLungSlicesError` naming ``name`` when none is kept."""
         prob = torch.as_tensor(convert_to_tensor(slice_prob, track_meta=False)).reshape(-1)
-        n_slices = img.shape[-1]
         if prob.numel() != n_slices:
             raise ValueError(f"{name}: {prob.numel()} slice probabilities for a volume of {n_slices} slices")
         keep = torch.nonzero(prob >= self.threshold).flatten()
@@ -76,15 +91,7 @@ class SelectLungSlices(Transform):
                 f"no slice was judged to contain lung (lung probability >= {self.threshold} on none of "
                 f"{n_slices} slices; highest {highest:.3f})",
             )
-        out = img.index_select(img.ndim - 1, keep.to(img.device))
-        if isinstance(out, MetaTensor):
-            kept = keep.tolist()
-            earlier = kept_slices_from_meta(img.meta)
-            if earlier is not None and len(earlier) == n_slices:
-                kept = [earlier[i] for i in kept]
-            out.meta = dict(out.meta)  # never write into the input's meta dict
-            out.meta[KEPT_SLICES_KEY] = ",".join(map(str, kept))
-        return out
+        return keep
 
 
 class SelectLungSlicesd(MapTransform):
@@ -150,10 +157,16 @@ class LungSlicesFromMask(Transform):
     def __call__(self, mask: NdarrayOrTensor) -> torch.Tensor:
         mask = convert_to_tensor(mask, track_meta=False)
         check_volume(mask, "LungSlicesFromMask")
-        lung = (mask > self.mask_threshold).any(dim=0)  # (X, Y, Z)
-        area = lung.sum(dim=(0, 1))
+        # 32 slices at a time: on a whole uint8 volume, `mask > 0.5` makes a float32 copy and `.sum()` an
+        # int64 one (3 GB on a 1000-slice scan, issue 15)
+        area = torch.cat(
+            [
+                (mask[..., z : z + 32] > self.mask_threshold).any(dim=0).sum(dim=(0, 1))
+                for z in range(0, mask.shape[-1], 32)
+            ]
+        )
         min_pixels = (
-            self.min_area * lung.shape[0] * lung.shape[1] if self.area_unit == "fraction" else self.min_area
+            self.min_area * mask.shape[1] * mask.shape[2] if self.area_unit == "fraction" else self.min_area
         )
         return ((area >= min_pixels) & (area > 0)).to(torch.float32)
 

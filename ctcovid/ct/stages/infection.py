@@ -11,7 +11,13 @@ from __future__ import annotations
 import numpy as np
 
 from ctcovid.ct.context import slice_index
-from ctcovid.ct.involvement import ct_severity_grade, involvement_percent, lung_hull, split_lungs
+from ctcovid.ct.involvement import (
+    ct_severity_grade,
+    involvement_percent,
+    lung_hull,
+    overlap_voxels,
+    split_lungs,
+)
 from ctcovid.ct.mask_cleanup import clean_mask
 
 from .slice_segmentation import SliceSegmentationStage
@@ -73,26 +79,36 @@ class InfectionSegmentationStage(SliceSegmentationStage):
     def measure(self, res, found: np.ndarray, kept) -> None:
         """Fill the result's infection mask, per-lung involvement and grade from ``found`` ``(X, Y, K)``."""
         lung = res.lung_mask
+        if not (lung.dtype == np.uint8 and lung.flags.writeable):
+            lung = np.asarray(lung > 0, dtype=np.uint8)
         kept = slice_index(kept)  # consecutive slices: views, not gathers along the last axis
-        kept_lung = lung[:, :, kept] > 0
-        found = found.astype(bool)
-        outside = found & ~kept_lung
-        added = np.zeros_like(found)
-        notched = np.flatnonzero(outside.any(axis=(0, 1)))
-        if notched.size:  # outlines are needed only where lesions reach beyond the lung mask
-            added = outside & lung_hull(kept_lung, notched)
-        inside = (found & kept_lung) | added
+        # boolean views of the 0/1 uint8 masks, per-slice work and the lung mask grown in place: whole-volume
+        # temporaries of a 1000-slice scan cost 262 MB each (issue 15)
+        kept_lung = _as_bool(lung[:, :, kept])
+        found = _as_bool(found)
+        consecutive = isinstance(kept, slice)  # then indexing gives views, written in place
         infection = np.zeros(lung.shape, dtype=np.uint8)
-        infection[:, :, kept] = inside
-        if added.any():
-            grown = kept_lung | added
-            lung = lung.copy()
+        inside = infection[:, :, kept].view(bool) if consecutive else np.zeros(found.shape, dtype=bool)
+        grown = lung[:, :, kept].view(bool) if consecutive else kept_lung.copy()
+        notched = np.zeros(found.shape[-1], dtype=bool)
+        for rows in _row_blocks(found):  # blocks of whole rows: contiguous memory, small temporaries
+            np.logical_and(found[rows], kept_lung[rows], out=inside[rows])
+            notched |= (found[rows] & ~kept_lung[rows]).any(axis=(0, 1))
+        n_added = 0
+        for k in np.flatnonzero(notched):  # outlines are needed only where lesions reach beyond the lung mask
+            added = found[:, :, k] & ~kept_lung[:, :, k] & lung_hull(kept_lung[:, :, k : k + 1])[:, :, 0]
+            n_added += int(np.count_nonzero(added))
+            inside[:, :, k] |= added
+            grown[:, :, k] |= added  # the lung mask grows by the consolidation (in place)
+        if not consecutive:
+            infection[:, :, kept] = inside
             lung[:, :, kept] = grown
-            res.lung_mask = lung
+        del inside, grown
+        res.lung_mask = lung
         voxel_ml = res.voxel_ml
         res.lung_voxels = int(np.count_nonzero(res.lung_mask))
         res.infection_voxels = int(np.count_nonzero(infection))
-        res.lung_mask_added_voxels = int(np.count_nonzero(added))
+        res.lung_mask_added_voxels = n_added
         if voxel_ml is not None:
             res.lung_volume_ml = res.lung_voxels * voxel_ml
             res.infection_volume_ml = res.infection_voxels * voxel_ml
@@ -103,7 +119,7 @@ class InfectionSegmentationStage(SliceSegmentationStage):
         res.lungs = {
             side: {
                 "volume_ml": None if voxel_ml is None else int(np.count_nonzero(m)) * voxel_ml,
-                "infection_volume_ml": None if voxel_ml is None else int(np.count_nonzero(infection & m)) * voxel_ml,
+                "infection_volume_ml": None if voxel_ml is None else overlap_voxels(infection, m) * voxel_ml,
                 "involvement_percent": involvement_percent(infection, m),
             }
             for side, m in (("right", right), ("left", left))
@@ -112,3 +128,15 @@ class InfectionSegmentationStage(SliceSegmentationStage):
         res.ct_severity_grade = ct_severity_grade(res.lung_involvement_percent, lesion_found)
         res.ct_severity_source = "involvement"
         res.min_involvement_percent = self.min_involvement
+
+
+def _row_blocks(volume: np.ndarray, rows: int = 16) -> list[slice]:
+    """Slices of ``rows`` first-axis rows covering ``volume``."""
+    return [slice(i, i + rows) for i in range(0, volume.shape[0], rows)]
+
+
+def _as_bool(mask: np.ndarray) -> np.ndarray:
+    """A 0/1 uint8 mask viewed as bool (no copy); any other mask compared with 0."""
+    if mask.dtype == np.uint8 and mask.max(initial=0) <= 1:
+        return mask.view(bool)
+    return mask > 0

@@ -55,9 +55,7 @@ class SliceSelectionStage(Stage):
     name = "slice_selection"
 
     def run(self, pipeline, ctx) -> None:
-        from monai.data import MetaTensor
-
-        from ctcovid.transforms import LungSlicesFromMask, SelectLungSlices, kept_slices_from_meta
+        from ctcovid.transforms import LungSlicesFromMask, SelectLungSlices
 
         res = ctx.result
         mask = res.lung_mask
@@ -68,7 +66,7 @@ class SliceSelectionStage(Stage):
         else:
             threshold = pipeline.slice_threshold
         try:
-            kept = SelectLungSlices(threshold)(MetaTensor(ctx.image, meta={"filename_or_obj": ctx.source}), slice_prob)
+            kept = SelectLungSlices(threshold).kept_indices(slice_prob, res.slices_read, ctx.source)
         except NoLungSlicesError:
             if res.slice_selection == "slice_filter":
                 raise
@@ -79,4 +77,4 @@ class SliceSelectionStage(Stage):
                 f"of {res.slices_read} slices (largest lung area {largest} of {mask.shape[0] * mask.shape[1]} "
                 "pixels)",
             ) from None
-        res.kept_slices = kept_slices_from_meta(kept.meta)
+        res.kept_slices = kept.tolist()
