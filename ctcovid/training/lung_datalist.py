@@ -49,9 +49,9 @@ TRAIN_CASES = ("rp2", "rp4")
 TEST_CASES = ("rp6", "rp8")
 #: TotalSegmentator "total" v2 lobe labels (upper/lower left, upper/middle/lower right).
 TOTALSEG_LUNG_LABELS = (10, 11, 12, 13, 14)
-#: Default validation groups: the ma2020 files starting the coronacases volume at 0972 and the
-#: Radiopaedia volume at 1512 (named by :func:`ctcovid.training.ma2020.analyse_ma2020`).
-DEFAULT_VAL_GROUPS = ("ma0972", "ma1512")
+#: Default validation groups: the ma2020 files starting the coronacases volume at 0970 and the
+#: Radiopaedia volume at 1376 (named by :func:`ctcovid.training.ma2020.analyse_ma2020`).
+DEFAULT_VAL_GROUPS = ("ma0970", "ma1376")
 #: ``example_ct.nii.gz`` slices 82-111 are ``example_ct_sm.nii.gz`` (checked voxel by voxel).
 EXAMPLE_CT_SM_OFFSET = 82
 
