@@ -2,8 +2,10 @@
 
 Held-out adults: the stage-2 datalist's ``test`` patients (COVID-19 and other viral; stage 2 never saw them) plus
 every frontal ieee8023 image whose finding is not viral (bacterial, fungal, normal, other) from a patient in
-no stage-2 training or validation part (stage 1 learns from Kermany children only, so none of these trained
-anything). COVID-19 is the positive class: sensitivity = COVID-19 films labelled COVID-19 by the cascade,
+no training or validation part of the stage-2 datalist or of stage 1's adult datalist (``datalist_adult.json``,
+whose adult films fine-tune stage 1), so none of these trained either stage. The set is defined by the
+repository's datalists, also when ``--bundles`` points at other weights (e.g. the weights before the adult
+fine-tune), so before/after numbers are on the same images. COVID-19 is the positive class: sensitivity = COVID-19 films labelled COVID-19 by the cascade,
 specificity = the other adult films not labelled COVID-19, each with a Wilson 95 % interval. Also recorded:
 where stage 1 routes the adult COVID-19 films (normal / bacterial / viral, above or below Th_Vir), the ROC AUC of
 the cascade's COVID-19 score and the best sensitivity reachable at specificity >= 0.70 on that curve.
@@ -43,9 +45,12 @@ def wilson(k: int, n: int, z: float = 1.959964) -> list[float] | None:
     return [round(centre - half, 4), round(centre + half, 4)]
 
 
-def adult_items(data_root: Path, stage2_datalist: Path) -> list[dict]:
+def adult_items(data_root: Path, stage2_datalist: Path, stage1_adult_datalist: Path) -> list[dict]:
     dl = json.loads(stage2_datalist.read_text())
     seen = {it["patient"] for part in ("training", "validation") for it in dl[part]}
+    if stage1_adult_datalist.is_file():
+        adult = json.loads(stage1_adult_datalist.read_text())
+        seen |= {it["patient"] for part in ("training", "validation") for it in adult[part] if it["domain"] == "adult"}
     items = [
         {"image": str(data_root / it["image"]), "covid": it["label"] == 0, "finding": "COVID-19" if it["label"] == 0
          else "viral-other", "patient": it["patient"]}
@@ -71,11 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default=os.environ.get("CTCOVID_DATA", str(ROOT.parent / "shared" / "data")))
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cxr_cascade_adult.json"))
     p.add_argument("--speed-images", type=int, default=20)
+    p.add_argument("--bundles", default=None, help="folder holding both cascade bundles (default: the repository's)")
     args = p.parse_args(argv)
 
     data_root = Path(args.data) / "cxr" / "ieee8023"
-    items = adult_items(data_root, ROOT / "bundles" / "cxr_covid_viral_classification" / "configs" / "datalist.json")
-    cascade = CXRCascade.from_bundles(device="cpu")
+    items = adult_items(data_root, ROOT / "bundles" / "cxr_covid_viral_classification" / "configs" / "datalist.json",
+                        ROOT / "bundles" / "cxr_pneumonia_type_classification" / "configs" / "datalist_adult.json")
+    cascade = CXRCascade.from_bundles(args.bundles, device="cpu")
     rows = []
     for it in items:
         r = cascade.predict(it["image"], stage2_for_all=True)
@@ -93,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     reachable = float(tpr[(1 - fpr) >= 0.70].max()) if np.any((1 - fpr) >= 0.70) else None
     routing = {c: sum(r["stage1"] == c for r in pos) for c in ("normal", "bacterial", "viral")}
 
-    speed_imgs = [r["image"] for r in rows[: args.speed_images + 1]]
+    speed_imgs = [r["image"] for r in rows[: args.speed_images + 1]] if args.speed_images > 0 else []
     times = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, img in enumerate(speed_imgs):
@@ -116,13 +123,18 @@ def main(argv: list[str] | None = None) -> int:
             "median": round(statistics.median(times[1:]), 4), "max": round(max(times[1:]), 4), "n": len(times) - 1,
             "cpu": platform.processor() or platform.machine(), "threads": int(os.environ.get("OMP_NUM_THREADS", 0))
             or None,
-        },
+        } if len(times) > 1 else None,  # --speed-images 0: accuracy only
+        "per_image": [
+            {"image": Path(r["image"]).name, **{k: r[k] for k in ("patient", "finding", "label", "stage1")},
+             "covid_score": round(r["covid_score"], 4)}
+            for r in rows
+        ],
         "models": cascade.models(),
         "date": time.strftime("%Y-%m-%d"),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k != "models"}, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("models", "per_image")}, indent=1))
     return 0
 
 

@@ -145,6 +145,11 @@ def weights_hash(path: Path) -> str:
     return _HASH_CACHE[key]
 
 
+def read_state_dict(path: str | os.PathLike) -> dict:
+    """The float32 state dict stored in a weight file (see :func:`_state_dict` for the accepted layouts)."""
+    return _state_dict(torch.load(path, map_location="cpu", weights_only=True), Path(path))
+
+
 def _state_dict(obj: Any, path: Path) -> dict:
     # models/model.pt is a plain state dict; also accept {"model": sd} / {"state_dict": sd} checkpoints
     if isinstance(obj, Mapping) and len(obj) == 1:

@@ -130,7 +130,9 @@ class CXRStage:
             spatial_size=size,
             device=dev,
             name=stage,
-            provenance={**sm.provenance(), "spatial_size": [int(s) for s in size]},
+            # intended_use travels with every result: the bundle says where its answers mean nothing
+            provenance={**sm.provenance(), "spatial_size": [int(s) for s in size],
+                        "intended_use": (sm.metadata or {}).get("intended_use")},
         )
 
     def preprocess(self, image: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ handlers MONAI lacks (:mod:`ctcovid.training.handlers`). Bundle configs referenc
 """
 
 from .autocast import AutocastModule, autocast_network
-from .checkpoints import BestMetricState
+from .checkpoints import BestMetricState, init_from_weights
 from .data_root import default_data_root
 from .datalists import (
     DETECTION_CLASSES,
@@ -36,6 +36,7 @@ __all__ = [
     "AutocastModule",
     "autocast_network",
     "BestMetricState",
+    "init_from_weights",
     "DETECTION_CLASSES",
     "DatalistError",
     "FAILED_KEY",

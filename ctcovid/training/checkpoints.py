@@ -10,11 +10,13 @@ restores it on ``resume``.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
+from pathlib import Path
 
 from monai.handlers import CheckpointSaver
 
-__all__ = ["BestMetricState"]
+__all__ = ["BestMetricState", "init_from_weights"]
 
 
 class BestMetricState:
@@ -38,3 +40,19 @@ class BestMetricState:
 
     def load_state_dict(self, state_dict: Mapping) -> None:
         self.tracker.load_state_dict(state_dict)
+
+
+def init_from_weights(network, path: str | os.PathLike) -> str:
+    """Load a bundle's ``models/model.pt`` into ``network`` before fine-tuning; returns the file's sha256.
+
+    Accepts what the bundles ship (plain state dicts, possibly stored in fp16/bf16, upcast to the network's
+    dtype). Raises ``FileNotFoundError`` naming the file when it is missing (fine-tuning from nothing would
+    silently train from scratch).
+    """
+    from ctcovid.bundle.loading import read_state_dict, weights_hash
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: weights to fine-tune from not found")
+    network.load_state_dict(read_state_dict(path), strict=True)
+    return weights_hash(path)
