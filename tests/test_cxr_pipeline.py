@@ -252,6 +252,10 @@ def test_cli_exit_codes_and_failed_rows(tmp_path, random_weight_bundles, capsys)
     assert rec["passed_threshold"] == (rec["viral_probability"] > 0.2)
     assert (rec["stage2_probabilities"] is not None) == rec["passed_threshold"]
     assert rec["models"]["stage1"]["spatial_size"] == [64, 64]
+    # each stage's intended use (the stage-1 bundle's says the adult COVID-19 answer is at chance) travels along
+    for stage, bundle in (("stage1", STAGE1_BUNDLE), ("stage2", STAGE2_BUNDLE)):
+        meta = json.loads((random_weight_bundles / bundle / "configs" / "metadata.json").read_text())
+        assert rec["models"][stage]["intended_use"] == meta["intended_use"] and "not a medical device" in meta["intended_use"]
 
     rc = main(["cxr", "predict", good, "--out", str(tmp_path / "o2"), *common])
     assert rc == 0
