@@ -48,6 +48,13 @@ def _median_of(fn, n: int = 2) -> tuple[float, object]:
     return statistics.median(times), out
 
 
+def _sitk_read_series(sitk):
+    """The series through SimpleITK's ``ImageSeriesReader`` (``sitk``: the module, imported by the timed caller)."""
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(SERIES)))
+    return reader.Execute()
+
+
 def child_ours() -> dict:
     t = time.perf_counter()
     from ctcovid.ct import CTCovidPipeline
@@ -75,12 +82,7 @@ def child_lungmask(weights: str) -> dict:
     inferer = LMInferer(modelpath=weights, force_cpu=True, tqdm_disable=True)
     load_s = time.perf_counter() - t
 
-    def read():
-        reader = sitk.ImageSeriesReader()
-        reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(SERIES)))
-        return reader.Execute()
-
-    read_s, image = _median_of(read)
+    read_s, image = _median_of(lambda: _sitk_read_series(sitk))
     inferer.apply(image)  # warm-up
     seg_s, _ = _median_of(lambda: inferer.apply(image))
     return {"import_s": import_s, "model_load_s": load_s, "read_s": read_s, "segment_s": seg_s,
@@ -93,12 +95,7 @@ def child_sitk() -> dict:
 
     import_s = time.perf_counter() - t
 
-    def read():
-        reader = sitk.ImageSeriesReader()
-        reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(SERIES)))
-        return reader.Execute()
-
-    read_s, _ = _median_of(read)
+    read_s, _ = _median_of(lambda: _sitk_read_series(sitk))
     return {"import_s": import_s, "read_s": read_s}
 
 

@@ -13,9 +13,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from scipy import ndimage
 
-from ctcovid.ct.mask_cleanup import bounding_box
+from ctcovid.ct.mask_cleanup import as_bool_mask, bounding_box, label_components, row_blocks
 
 __all__ = [
     "GRADE_UPPER_BOUNDS",
@@ -53,9 +52,7 @@ def involvement_percent(infection: np.ndarray, lung: np.ndarray) -> float | None
 def overlap_voxels(a: np.ndarray, b: np.ndarray) -> int:
     """``count_nonzero(a & b)`` for masks of one shape, 16 first-axis rows at a time (no whole-volume
     temporary; rows are contiguous in C order)."""
-    return sum(
-        int(np.count_nonzero(np.logical_and(a[i : i + 16], b[i : i + 16]))) for i in range(0, a.shape[0], 16)
-    )
+    return sum(int(np.count_nonzero(np.logical_and(a[rows], b[rows]))) for rows in row_blocks(a))
 
 
 def lung_hull(lung: np.ndarray, slices: Sequence[int] | None = None) -> np.ndarray:
@@ -89,8 +86,7 @@ def split_lungs(
         min_share: the two largest 3D components are the two lungs when each holds at least this share of
             the mask; otherwise the lungs touch and the mask is cut at the middle of its left-right extent.
     """
-    # a 0/1 uint8 mask is viewed as bool, not copied
-    lung = lung.view(bool) if lung.dtype == np.uint8 and lung.max(initial=0) <= 1 else lung > 0
+    lung = as_bool_mask(lung)
     a = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
     right, left = np.zeros_like(lung), np.zeros_like(lung)
     box = bounding_box(lung)
@@ -100,13 +96,13 @@ def split_lungs(
     # world-x volume and scipy's float64 per-label means cost 2.6 GB on a 1000-slice scan (issue 15)
     sub = lung[box]
     i, j, k = (np.arange(b.start, b.stop, dtype=np.float64) for b in box)
-    slabs = [slice(s, s + 16) for s in range(0, sub.shape[0], 16)]
+    slabs = row_blocks(sub)
 
     def world_x(slab: slice) -> np.ndarray:  # RAS x (larger = patient's right) of the slab's voxels, float32
         x = a[0, 0] * i[slab, None, None] + a[0, 1] * j[None, :, None] + a[0, 2] * k[None, None, :]
         return x.astype(np.float32)
 
-    labels, n = _label(sub)
+    labels, n = label_components(sub)
     sizes = np.zeros(n + 1, dtype=np.int64)
     x_sums = np.zeros(n + 1, dtype=np.float64)
     lo, hi = np.inf, -np.inf
@@ -135,12 +131,3 @@ def split_lungs(
     left[box] = sub & ~right_sub
     return right, left
 
-
-def _label(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """scipy's connected components with 16-bit labels when they suffice (a quarter of the default's memory)."""
-    try:
-        return ndimage.label(mask, output=np.uint16)
-    except RuntimeError as e:  # more than 65535 provisional labels
-        if "bit-depth" not in str(e):
-            raise
-        return ndimage.label(mask, output=np.int32)

@@ -18,7 +18,7 @@ from ctcovid.ct.involvement import (
     overlap_voxels,
     split_lungs,
 )
-from ctcovid.ct.mask_cleanup import clean_mask
+from ctcovid.ct.mask_cleanup import as_bool_mask, clean_mask, row_blocks
 
 from .slice_segmentation import SliceSegmentationStage
 
@@ -84,14 +84,14 @@ class InfectionSegmentationStage(SliceSegmentationStage):
         kept = slice_index(kept)  # consecutive slices: views, not gathers along the last axis
         # boolean views of the 0/1 uint8 masks, per-slice work and the lung mask grown in place: whole-volume
         # temporaries of a 1000-slice scan cost 262 MB each (issue 15)
-        kept_lung = _as_bool(lung[:, :, kept])
-        found = _as_bool(found)
+        kept_lung = as_bool_mask(lung[:, :, kept])
+        found = as_bool_mask(found)
         consecutive = isinstance(kept, slice)  # then indexing gives views, written in place
         infection = np.zeros(lung.shape, dtype=np.uint8)
         inside = infection[:, :, kept].view(bool) if consecutive else np.zeros(found.shape, dtype=bool)
         grown = lung[:, :, kept].view(bool) if consecutive else kept_lung.copy()
         notched = np.zeros(found.shape[-1], dtype=bool)
-        for rows in _row_blocks(found):  # blocks of whole rows: contiguous memory, small temporaries
+        for rows in row_blocks(found):  # blocks of whole rows: contiguous memory, small temporaries
             np.logical_and(found[rows], kept_lung[rows], out=inside[rows])
             notched |= (found[rows] & ~kept_lung[rows]).any(axis=(0, 1))
         n_added = 0
@@ -129,14 +129,3 @@ class InfectionSegmentationStage(SliceSegmentationStage):
         res.ct_severity_source = "involvement"
         res.min_involvement_percent = self.min_involvement
 
-
-def _row_blocks(volume: np.ndarray, rows: int = 16) -> list[slice]:
-    """Slices of ``rows`` first-axis rows covering ``volume``."""
-    return [slice(i, i + rows) for i in range(0, volume.shape[0], rows)]
-
-
-def _as_bool(mask: np.ndarray) -> np.ndarray:
-    """A 0/1 uint8 mask viewed as bool (no copy); any other mask compared with 0."""
-    if mask.dtype == np.uint8 and mask.max(initial=0) <= 1:
-        return mask.view(bool)
-    return mask > 0
