@@ -19,7 +19,7 @@ import torch
 from ctcovid.bundle.loading import load_stage
 from ctcovid.io.errors import CTInputError
 
-__all__ = ["LUNG_SEGMENTATION_BUNDLE", "predict_lung_masks", "mask_path"]
+__all__ = ["LUNG_SEGMENTATION_BUNDLE", "lung_mask_cleanup", "predict_lung_masks", "mask_path"]
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +29,19 @@ LUNG_SEGMENTATION_BUNDLE = "cxr_lung_segmentation"
 def mask_path(mask_root: str | os.PathLike, name: str) -> Path:
     """Where the mask of the image with relative path ``name`` goes (same rule as ``load_datalist``)."""
     return Path(mask_root, name).with_suffix(".png")
+
+
+def lung_mask_cleanup(keep_components: int = 2, fill_holes: bool = True):
+    """The bundle's mask clean-up as one callable on a ``(1, H, W)`` 0/1 label: keep the ``keep_components``
+    largest lung components (0: all), then fill holes. Same MONAI transforms as ``inference.json``."""
+    from monai.transforms import Compose, FillHoles, KeepLargestConnectedComponent
+
+    steps = []
+    if keep_components > 0:
+        steps.append(KeepLargestConnectedComponent(applied_labels=[1], num_components=keep_components))
+    if fill_holes:
+        steps.append(FillHoles(applied_labels=[1]))
+    return Compose(steps)
 
 
 def predict_lung_masks(
@@ -49,7 +62,8 @@ def predict_lung_masks(
         overwrite: recompute masks that already exist.
 
     The segmenter runs on its own preprocessing (``inference.json`` of its bundle, loader excluded); its
-    class probabilities are resized back to the image size (bilinear) before the arg-max. Returns counts of
+    class probabilities are resized back to the image size (bilinear) before the arg-max, which gets the
+    bundle's clean-up (:func:`lung_mask_cleanup` with its ``keep_components`` and ``fill_holes``). Returns counts of
     ``written``, ``existing`` and ``failed`` images (unreadable ones are logged and skipped).
 
     Raises:
@@ -64,6 +78,9 @@ def predict_lung_masks(
     stage = load_stage("lung segmentation", LUNG_SEGMENTATION_BUNDLE, bundle_dir, device=dev)
     pre = stage.config.get_parsed_content("preprocessing")
     transform = Compose([t for t in pre.transforms if not isinstance(t, LoadXRayd)])
+    clean = lung_mask_cleanup(
+        stage.config_value("keep_components", default=2), stage.config_value("fill_holes", default=True)
+    )
     counts = {"written": 0, "existing": 0, "failed": 0}
     for it in items:
         out = mask_path(mask_root, it["name"])
@@ -81,7 +98,7 @@ def predict_lung_masks(
         with torch.no_grad():
             prob = torch.softmax(stage.network(x).float(), dim=1)
         prob = torch.nn.functional.interpolate(prob, size=tuple(image.shape[1:]), mode="bilinear", align_corners=False)
-        mask = (prob.argmax(dim=1)[0] > 0).cpu().numpy().astype(np.uint8) * 255
+        mask = clean(prob.argmax(dim=1).cpu())[0].numpy().astype(np.uint8) * 255
         save_png_atomic(mask, out)
         counts["written"] += 1
     return counts
