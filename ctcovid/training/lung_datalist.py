@@ -10,11 +10,14 @@ Split (whole volumes / estimated patients, never slices of one volume on both si
   on every slice (no negatives for the slice filter) and an unusual display window, while rp6 has 12
   non-lung slices below the lungs. The ma2020 slices copied from these two volumes (found by
   :mod:`ctcovid.training.ma2020`) are excluded from training and validation.
-- **training**: MedSeg ``rp2``, ``rp4`` (all slices, non-lung slices included) + the remaining ma2020 slices.
+- **training**: MedSeg ``rp2``, ``rp4`` (all slices, non-lung slices included) + the remaining ma2020 slices
+  + the 82 HU abdomen-pelvis slices of TotalSegmentator ``example_ct`` below the ``example_ct_sm`` crop, as
+  empty-mask negatives (HU bowel gas was the segmenter's known false positive). They are the same patient
+  as the HU test crop (other slices): that test is no longer patient-independent, and the docs say so.
 - **validation** (model selection only): whole estimated ma2020 patient groups, by default one coronacases
   volume and one Radiopaedia volume not in the MedSeg subset.
-- **HU evaluation** (never trained on by the segmenter): TotalSegmentator ``example_ct_sm`` (lobes 10-14
-  as reference) and COVID-CT-MD ``normal002`` (no reference mask: lung volume check).
+- **HU evaluation**: TotalSegmentator ``example_ct_sm`` (lobes 10-14 as reference; its slices are never
+  trained on) and COVID-CT-MD ``normal002`` (no reference mask: lung volume check; never trained on).
 
 The slice filter validates on MedSeg ``rp4`` plus the ma2020 validation groups (the latter are all lung
 slices; model selection needs non-lung slices too) and trains on ``rp2``; it adds the 82 abdomen-pelvis slices of TotalSegmentator ``example_ct`` below the
@@ -165,15 +168,6 @@ def build_lung_datalists(
         "data_root": "paths are relative to data_root (default ../shared/data from the repository root)",
         "ma2020_groups": {g: [m[0], m[-1], len(m)] for g, m in groups.items()},
     }
-    seg = {
-        "description": "ct_lung_segmentation: 2D lung segmentation slices. Split by volume / estimated patient.",
-        **provenance,
-        "training": [medseg_item(c) for c in TRAIN_CASES] + train,
-        "validation": val,
-        "test": [medseg_item(c) for c in TEST_CASES],
-        "test_hu": _hu_items(),
-        "excluded": excluded,
-    }
     example_ct_negatives = {
         "image": f"{_TS}/example_ct.nii.gz",
         "slices": [0, EXAMPLE_CT_SM_OFFSET],
@@ -182,6 +176,16 @@ def build_lung_datalists(
         "source": "totalsegmentator",
         "domain": "hu",
         "note": "abdomen-pelvis slices 0-81, below the example_ct_sm crop whose lowest 19 slices hold no lung",
+    }
+    seg = {
+        "description": "ct_lung_segmentation: 2D lung segmentation slices. Split by volume / estimated patient.",
+        **provenance,
+        # the only HU slices with a known answer: bowel gas in HU, the segmenter's known false positive
+        "training": [medseg_item(c) for c in TRAIN_CASES] + [example_ct_negatives] + train,
+        "validation": val,
+        "test": [medseg_item(c) for c in TEST_CASES],
+        "test_hu": _hu_items(),
+        "excluded": excluded,
     }
     filt = {
         "description": "ct_lung_slice_filter: per-slice lung / non-lung labels derived from lung masks "
