@@ -206,6 +206,23 @@ def test_committed_datalist_is_curated_and_split_by_patient():
     assert not q.passed and q.reasons == first["reasons"]
 
 
+def test_samples_per_epoch_draws_a_random_subset_of_the_balanced_list():
+    """``samples_per_epoch`` caps an epoch (the full balanced list is 3 x 2740 images) with a fresh random draw
+    each epoch; without it an epoch is the whole list, shuffled."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(bundles_root() / BUNDLE / "configs" / "train.json"))
+    parser.update({"data_root": str(data_path("cxr")), "train_limit": 4, "batch_size": 1, "num_workers": 0,
+                   "samples_per_epoch": 4})
+    loader = parser.get_parsed_content("train#dataloader")
+    assert len(loader.dataset) == 6 and len(loader) == 4  # 4 images (2/1/1) balanced to 2 per class; 4 drawn
+    draws = [[int(i) for i in loader.sampler] for _ in range(3)]
+    assert all(len(set(d)) == 4 for d in draws) and len({tuple(d) for d in draws}) > 1
+    parser["samples_per_epoch"] = None
+    assert len(parser.get_parsed_content("train#dataloader", lazy=False)) == 6
+
+
 def _run_inference(root, cfg_dir, data_root, n=6):
     from monai.bundle import run
 
@@ -245,18 +262,19 @@ def test_bundle_short_training_writes_a_checkpoint_inference_loads(tmp_path):
     shutil.copytree(bundles_root() / BUNDLE / "configs", root / "configs")
     (root / "models").mkdir()
     cfg = root / "configs"
-    run(
+    args = dict(
         config_file=[str(cfg / "train.json")],
         meta_file=str(cfg / "metadata.json"),
         logging_file=str(cfg / "logging.conf"),
         bundle_root=str(root),
+        ckpt_dir=str(root / "models"),
         data_root=str(data_root),
-        epochs=1,
         train_limit=12,
         val_limit=6,
         batch_size=6,
         num_workers=0,
     )
+    run(epochs=1, **args)
     ckpt = root / "models" / "model.pt"
     assert ckpt.is_file()
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
@@ -264,8 +282,14 @@ def test_bundle_short_training_writes_a_checkpoint_inference_loads(tmp_path):
     # batch-norm statistics were estimated (re-estimated on the 2 training batches), not left at init values
     assert state["features.0.1.num_batches_tracked"] == 2
     assert not torch.allclose(state["features.0.1.running_var"], torch.ones(128))
-    with open(root / "train_logs" / "metrics.csv", newline="") as f:
+    with open(root / "models" / "train_logs" / "metrics.csv", newline="") as f:
         assert [r["epoch"] for r in csv.DictReader(f)] == ["1"]
+    assert (root / "models" / "checkpoint_checkpoint_epoch=1.pt").is_file()
+    # a stopped run resumes: epoch 2 only, optimizer/schedule/trainer state from the epoch-1 checkpoint
+    run(epochs=2, resume=True, **args)
+    with open(root / "models" / "train_logs" / "metrics.csv", newline="") as f:
+        assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2"]
+    assert (root / "models" / "checkpoint_checkpoint_epoch=2.pt").is_file()
     rows = _run_inference(root, cfg, data_root)
     assert len(rows) == 6 and {r["status"] for r in rows} == {"ok"}
 
