@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import os
 import platform
 import statistics
@@ -33,16 +32,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def wilson(k: int, n: int, z: float = 1.959964) -> list[float] | None:
-    """Wilson score interval of k successes in n (by hand: one formula, no statistics package needed)."""
-    if n == 0:
-        return None
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return [round(centre - half, 4), round(centre + half, 4)]
 
 
 def adult_items(data_root: Path, stage2_datalist: Path, stage1_adult_datalist: Path) -> list[dict]:
@@ -71,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     from sklearn.metrics import roc_auc_score, roc_curve
 
     from ctcovid.cxr.cascade import CXRCascade
+    from ctcovid.metrics import proportion_ci as wilson
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default=os.environ.get("CTCOVID_DATA", str(ROOT.parent / "shared" / "data")))

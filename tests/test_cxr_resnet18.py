@@ -194,33 +194,81 @@ def test_committed_datalist_is_patient_level_and_reproducible():
     assert not (patients[0] & patients[1] or patients[0] & patients[2] or patients[1] & patients[2])
     for part in ("training", "validation", "test"):
         assert set(dl["counts"][part]["images"].values()) and min(dl["counts"][part]["images"].values()) > 0
+        # adults without COVID-19 in every part: the network cannot tell COVID-19 by the patient's age alone
+        assert dl["domains"][part]["adult/non-COVID-19"] >= 9
+        assert {it["domain"] for it in dl[part] if it["label"] == 1} == {"adult"}
+
+
+def test_adult_probe_holds_only_adults_no_training_patient_saw():
+    from ctcovid.cxr.datasets import adult_probe_items
+
+    with open(bundles_root() / BUNDLE / "configs" / "datalist.json") as f:
+        dl = json.load(f)
+    probe = adult_probe_items(data_path("cxr"), dl, covid_class=1)
+    seen = {it["patient"] for p in ("training", "validation") for it in dl[p]}
+    assert probe and all(it["image"].startswith("ieee8023/") for it in probe)
+    assert not {it["patient"] for it in probe} & seen
+    assert {it["group"] for it in probe if it["covid"]} == {"covid"}
+    assert {it["group"] for it in probe if not it["covid"]} <= {"normal", "other"}
+    # every test-split adult is in it; with the adult negatives listed in the datalist there is nothing else
+    assert {it["image"] for it in probe} == {it["image"] for it in dl["test"] if it["domain"] == "adult"}
+    # against the paper's normal-vs-COVID-19 list (no adult negatives listed) it adds the unlisted adult films
+    paper = {**dl, "test": [it for it in dl["test"] if it["label"] == 1]}
+    extra = adult_probe_items(data_path("cxr"), paper, covid_class=1)
+    assert len(extra) > len([it for it in paper["test"]]) and not any(it["covid"] for it in extra[len(paper["test"]):])
+
+
+def test_adult_probe_summary_counts_by_hand():
+    """The benchmark's numbers on a hand-made probe: 4 COVID-19 films (3 called), 3 others (1 called)."""
+    import sys
+
+    sys.path.insert(0, str(bundles_root().parent / "benchmarks"))
+    from cxr_covid_resnet18_adult_eval import binary_summary
+
+    y = np.array([1, 1, 1, 1, 0, 0, 0])
+    p = np.array([0.9, 0.8, 0.6, 0.3, 0.7, 0.2, 0.1])
+    out = binary_summary(y, p, ["a", "a", "b", "c", "d", "e", "f"])
+    assert (out["covid19"], out["not_covid19"], out["patients"]) == (4, 3, 6)
+    assert out["sensitivity"] == 0.75 and out["specificity"] == pytest.approx(0.6667, abs=1e-4)
+    assert out["accuracy"] == pytest.approx(5 / 7, abs=1e-4)
+    assert out["auc"] == pytest.approx(10 / 12, abs=1e-4)  # 10 of the 12 positive-negative pairs ordered right
+    low, high = out["sensitivity_ci95"]
+    assert low < 0.75 < high
+
 
 
 @pytest.mark.slow
 def test_bundle_short_training_then_inference_and_gradcam(tmp_path):
-    """A real (tiny) training of the CBAM variant writes model_cbam.pt; the inference config loads it and
-    predicts real radiographs; the Grad-CAM config writes side-by-side overlays for both variants."""
+    """A real (tiny) training of the CBAM variant writes model_cbam.pt and resumes where it stopped; the
+    inference config loads it and predicts real radiographs; the Grad-CAM config writes side-by-side overlays
+    for both variants."""
     from monai.bundle import run
 
     data_root = data_path("cxr")
     root = _bundle_copy(tmp_path)
     cfg = root / "configs"
     common = {"bundle_root": str(root), "data_root": str(data_root), "spatial_size": [64, 64], "num_workers": 0}
-    run(
+    train_args = dict(
         config_file=[str(cfg / "train.json")],
         meta_file=str(cfg / "metadata.json"),
         logging_file=str(cfg / "logging.conf"),
+        ckpt_dir=str(root / "models"),
         use_cbam=True,
-        epochs=1,
         train_limit=16,
         val_limit=8,
         batch_size=8,
         **common,
     )
+    run(epochs=1, **train_args)
     ckpt = root / "models" / "model_cbam.pt"
     assert ckpt.is_file() and not (root / "models" / "model.pt").exists()
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert "cbam_out.channel.mlp.0.weight" in state
+    # a stopped run resumes at epoch 2 from the epoch-1 checkpoint (optimizer, schedule, trainer state)
+    run(epochs=2, resume=True, **train_args)
+    with open(root / "models" / "train_logs" / "metrics.csv", newline="") as f:
+        assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2"]
+    assert (root / "models" / "checkpoint_checkpoint_epoch=2.pt").is_file()
 
     run(
         config_file=[str(cfg / "inference.json")],
@@ -235,8 +283,8 @@ def test_bundle_short_training_then_inference_and_gradcam(tmp_path):
         rows = list(csv.DictReader(f))
     assert len(rows) == 6 and all(r["status"] == "ok" for r in rows)
     for r in rows:
-        p = [float(r["prob_normal"]), float(r["prob_COVID-19"])]
-        assert abs(sum(p) - 1) < 1e-4 and r["predicted_class"] in ("normal", "COVID-19")
+        p = [float(r["prob_non-COVID-19"]), float(r["prob_COVID-19"])]
+        assert abs(sum(p) - 1) < 1e-4 and r["predicted_class"] in ("non-COVID-19", "COVID-19")
         assert r["image"].startswith(str(data_root))
 
     # Grad-CAM comparison: the plain variant's checkpoint is an untrained state dict (the overlay layout is

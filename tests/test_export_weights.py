@@ -50,3 +50,20 @@ def test_fp32_export_is_lossless_and_the_command_line_reports(bundle_copy, capsy
     assert '"max_abs_output_diff": 0.0' in out
     with pytest.raises(ValueError, match="dtype must be one of"):
         export_weights(weights, dest, dtype="int8")
+
+
+def test_second_variant_file_is_checked_with_its_own_network(tmp_path):
+    """A bundle with two variants (ResNet-18 / CBAM-ResNet-18): --model-file names the file and --set builds the
+    variant's network for the check; without the override the CBAM weights do not fit the plain network."""
+    from ctcovid.networks import ResNet18Classifier
+
+    name = "cxr_covid_resnet18_classification"
+    dest = tmp_path / name
+    shutil.copytree(PROJECT_ROOT / "bundles" / name / "configs", dest / "configs")
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save({"model": ResNet18Classifier(in_channels=1, num_classes=2, cbam=True).state_dict()}, ckpt)
+    args = [str(ckpt), str(dest), "--model-file", "model_cbam.pt", "--input-shape", "1", "1", "64", "64"]
+    assert main(args + ["--set", "use_cbam=true"]) == 0
+    assert (dest / "models" / "model_cbam.pt").is_file() and not (dest / "models" / "model.pt").exists()
+    with pytest.raises(RuntimeError, match="cbam"):
+        main(args)

@@ -8,8 +8,11 @@ Patients are keyed ``kermany:<patient_hint>`` / ``ieee8023:<patientid>``; every 
 Label mappings (from ``kermany/labels.csv`` column ``label3`` and ``ieee8023/labels.csv`` columns
 ``finding`` / ``coarse_class``; ieee8023 rows with finding ``todo`` (unlabelled) are never used):
 
-- ResNet-18 (:data:`RESNET18_CLASSES`): ``normal`` = Kermany normal + ieee8023 "No Finding";
-  ``COVID-19`` = ieee8023 findings starting with "COVID-19" (COVID-19, "COVID-19, ARDS").
+- ResNet-18 (:data:`RESNET18_CLASSES`): ``non-COVID-19`` = Kermany normal + every other labelled ieee8023 film
+  ("No Finding" and the other findings: the adults without COVID-19); ``COVID-19`` = ieee8023 findings starting
+  with "COVID-19" (COVID-19, "COVID-19, ARDS"). The paper's negative class is "normal" only; with this data that
+  task is solved by telling adults from children (measured: adult-only AUC 0.54), so the adult non-COVID films
+  join the negatives and items carry ``domain`` (``child`` / ``adult``) for a sampler that balances both.
 - DETL stage B (:data:`ctcovid.networks.DETL_TARGET_CLASSES`): ``normal`` as above; ``pneumonia`` = Kermany
   bacterial + viral; ``COVID-19`` as above; ``other disease`` = every other labelled ieee8023 finding
   (SARS, Varicella, Influenza, Streptococcus, Klebsiella, Legionella, Mycoplasma, Pneumocystis, Lipoid, ARDS,
@@ -50,11 +53,12 @@ __all__ = [
     "build_detl_datalist",
     "build_vbreathnet_datalist",
     "count_classes",
+    "adult_probe_items",
     "fold_parts",
     "write_datalist",
 ]
 
-RESNET18_CLASSES = ("normal", "COVID-19")
+RESNET18_CLASSES = ("non-COVID-19", "COVID-19")
 DETL_SOURCE_CLASSES = ("normal", "disease")
 FRONTAL_VIEWS = ("PA", "AP", "AP Supine")
 
@@ -126,11 +130,39 @@ def _labelled(records: Sequence[dict], mapping: dict[tuple[str, str], int | Call
 
 
 def resnet18_items(cxr_root: str | os.PathLike) -> list[dict]:
-    """ResNet-18 items: label 0 = normal, 1 = COVID-19 (see the module docstring for the mapping)."""
-    return _labelled(
+    """ResNet-18 items: label 0 = non-COVID-19, 1 = COVID-19, ``domain`` child (Kermany) or adult (ieee8023)."""
+    items = _labelled(
         cxr_records(cxr_root),
-        {("kermany", "normal"): 0, ("ieee8023", "normal"): 0, ("ieee8023", "covid"): 1},
+        {("kermany", "normal"): 0, ("ieee8023", "normal"): 0, ("ieee8023", "other"): 0, ("ieee8023", "covid"): 1},
     )
+    return [{**it, "domain": "adult" if it["patient"].startswith("ieee8023:") else "child"} for it in items]
+
+
+def adult_probe_items(cxr_root: str | os.PathLike, datalist: dict, covid_class: int) -> list[dict]:
+    """Adult (ieee8023) films a network trained on ``datalist`` never saw, for measuring it without the
+    children-vs-adults confound: the ``test`` part's ieee8023 images, plus every labelled ieee8023 film whose
+    patient is in no ``training`` / ``validation`` part and that the datalist does not list (findings its classes
+    leave out, e.g. other pneumonias for a COVID-19-vs-normal task).
+
+    Items carry ``image`` (relative to ``cxr_root``, like the datalist's), ``patient``, ``finding``, ``group``
+    (``covid`` / ``normal`` / ``other``) and ``covid`` (bool, from the datalist label ``covid_class`` for listed
+    images, from the finding for the others).
+    """
+    seen = {it["patient"] for part in ("training", "validation") for it in datalist.get(part, [])}
+    listed = {it["image"] for part in ("training", "validation", "test") for it in datalist.get(part, [])}
+    groups = {r["image"]: r["group"] for r in cxr_records(cxr_root) if r["source"] == "ieee8023"}
+    out = [
+        {"image": it["image"], "patient": it["patient"], "finding": it.get("finding", ""),
+         "group": groups.get(it["image"], "covid" if it["label"] == covid_class else "other"),
+         "covid": it["label"] == covid_class}
+        for it in datalist["test"]
+        if it["image"].startswith("ieee8023/")
+    ]
+    for r in cxr_records(cxr_root):
+        if r["source"] == "ieee8023" and r["patient"] not in seen and r["image"] not in listed:
+            out.append({"image": r["image"], "patient": r["patient"], "finding": r["finding"], "group": r["group"],
+                        "covid": r["group"] == "covid"})
+    return out
 
 
 def detl_items(cxr_root: str | os.PathLike) -> list[dict]:
@@ -191,14 +223,22 @@ def _datalist(description: str, class_names: Sequence[str], parts: dict[str, lis
 
 
 def build_resnet18_datalist(cxr_root: str | os.PathLike, seed: int = 0) -> dict:
-    """Patient-level training / validation / test split (70 / 15 / 15 % of images) for the ResNet-18 bundle."""
-    fractions = {"training": 0.7, "validation": 0.15, "test": 0.15}
-    parts = group_split(resnet18_items(cxr_root), fractions, group_key="patient", seed=seed)
+    """Patient-level split for the ResNet-18 bundle: Kermany children 70 / 15 / 15 % of images, ieee8023 adults
+    55 / 15 / 30 % (a larger test share, so the adult-only measurement has adults without COVID-19 to count)."""
+    fractions = {"child": {"training": 0.7, "validation": 0.15, "test": 0.15},
+                 "adult": {"training": 0.55, "validation": 0.15, "test": 0.3}}
+    items = resnet18_items(cxr_root)
+    parts: dict[str, list[dict]] = {"training": [], "validation": [], "test": []}
+    for domain, frac in fractions.items():
+        for part, members in group_split([it for it in items if it["domain"] == domain], frac, seed=seed).items():
+            parts[part] += members
     return _datalist(
-        "normal (Kermany normal + ieee8023 No Finding) vs COVID-19 (ieee8023), split by patient",
+        "non-COVID-19 (Kermany normal children + ieee8023 adults without COVID-19) vs COVID-19 (ieee8023 adults), "
+        "split by patient within each domain",
         RESNET18_CLASSES,
         parts,
         split={"unit": "patient", "seed": seed, "fractions": fractions},
+        domains={p: dict(Counter(f"{it['domain']}/{RESNET18_CLASSES[it['label']]}" for it in v)) for p, v in parts.items()},
     )
 
 

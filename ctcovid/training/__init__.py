@@ -13,7 +13,7 @@ handlers MONAI lacks (:mod:`ctcovid.training.handlers`). Bundle configs referenc
 - :mod:`ctcovid.training.autocast` -- bf16 autocast for MONAI engines on CPU as well as GPU.
 """
 
-from .autocast import AutocastModule, autocast_network
+from .autocast import AutocastModule, autocast_network, default_precision, native_bf16
 from .checkpoints import BestMetricState, init_from_weights
 from .data_root import default_data_root
 from .datalists import (
@@ -35,6 +35,8 @@ __all__ = [
     "AtomicNibabelWriter",
     "AutocastModule",
     "autocast_network",
+    "default_precision",
+    "native_bf16",
     "BestMetricState",
     "init_from_weights",
     "DETECTION_CLASSES",

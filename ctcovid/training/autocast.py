@@ -5,6 +5,11 @@ a CPU (AVX-512 BF16 / AMX: a training step of the lung U-Net measured 0.48 s fp3
 channels-last) they run fp32. :class:`AutocastModule` runs the wrapped network's forward under
 ``torch.autocast`` of the input's device type and returns float32, so the loss and metrics stay fp32.
 Checkpoints should save the wrapped ``module`` (plain state-dict keys).
+
+bf16 only pays on hardware that has it: on a CPU without AVX-512 BF16 or AMX (e.g. an AVX2-only AMD EPYC) a
+ResNet-18 training step on 16 images at 224x224 took 22-25 s under bf16 autocast against 1.7 s in fp32, because
+the bf16 kernels are emulated. The training configs therefore ask :func:`default_precision` instead of fixing
+``"bf16"``.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["AutocastModule", "autocast_network"]
+__all__ = ["AutocastModule", "autocast_network", "default_precision", "native_bf16"]
 
 
 class AutocastModule(nn.Module):
@@ -44,3 +49,24 @@ def autocast_network(network: nn.Module, precision: str = "fp32") -> nn.Module:
     if precision not in dtypes:
         raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
     return AutocastModule(network, dtypes[precision])
+
+
+def native_bf16(device: torch.device | str = "cpu") -> bool:
+    """Whether ``device`` computes bfloat16 natively: a CUDA GPU that supports it, or a CPU with AVX-512 BF16 or
+    AMX tiles (torch has no public query for the CPU; its private probes are used and a missing one means no)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+    return False
+
+
+def default_precision(device: torch.device | str = "cpu") -> str:
+    """Training arithmetic for ``device``: ``"bf16"`` on a CPU with native bf16, else ``"fp32"``.
+
+    On CUDA this is ``"fp32"`` so the bundle configs' ``amp`` (MONAI's fp16 autocast with a grad scaler) applies.
+    """
+    device = torch.device(device)
+    return "bf16" if device.type == "cpu" and native_bf16(device) else "fp32"

@@ -96,10 +96,20 @@ def class_weights(items: Sequence[dict], num_classes: int) -> list[float]:
     return [n / (num_classes * counts[c]) if counts[c] else 0.0 for c in range(num_classes)]
 
 
-def sample_weights(items: Sequence[dict], num_classes: int) -> list[float]:
-    """Per-item weights for ``torch.utils.data.WeightedRandomSampler`` (each class drawn equally often)."""
-    w = class_weights(items, num_classes)
-    return [w[int(it["label"])] for it in items]
+def sample_weights(items: Sequence[dict], num_classes: int, within: str | None = None) -> list[float]:
+    """Per-item weights for ``torch.utils.data.WeightedRandomSampler``: each class drawn equally often and, with
+    ``within`` (an item key such as ``"domain"``), each value of that key equally often inside its class, so
+    e.g. the children's and the adults' films of one class are drawn as often as each other and a network
+    cannot learn the patients' age in place of the class."""
+    labels = Counter(int(it["label"]) for it in items)
+    cells = Counter((int(it["label"]), it.get(within) if within else None) for it in items)
+    per_label = Counter(lab for lab, _ in cells)
+    n = sum(labels.values())
+    del num_classes  # classes present in the items are balanced; kept for the configs' call signature
+    return [
+        n / (len(labels) * per_label[int(it["label"])] * cells[(int(it["label"]), it.get(within) if within else None)])
+        for it in items
+    ]
 
 
 def class_balance(items: Sequence[dict], class_names: Sequence[str]) -> dict[str, int]:
