@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -51,19 +52,20 @@ def predict_covid(bundle: Path, model_file: str, cbam: bool, images: list[str], 
 
 
 def binary_summary(y: np.ndarray, p: np.ndarray, patients: list[str]) -> dict:
-    from sklearn.metrics import roc_auc_score
+    """Counts, sensitivity / specificity (Wilson intervals) and AUC (patient bootstrap) of p(COVID-19) for the
+    binary labels ``y`` (1 = COVID-19), from the project's classification report."""
+    from ctcovid.metrics import auc_ci_by_patient, classification_report, proportion_ci
 
-    from ctcovid.metrics import auc_ci_by_patient, proportion_ci
-
-    called = p >= 0.5
-    tp, tn = int((called & (y == 1)).sum()), int((~called & (y == 0)).sum())
+    rep = classification_report(y, np.stack([1 - p, p], axis=1), ["not COVID-19", "COVID-19"])
+    (tn, _), (_, tp) = rep["confusion_matrix"]
+    covid = rep["per_class"]["COVID-19"]
     npos, nneg = int((y == 1).sum()), int((y == 0).sum())
     return {
         "images": len(y), "patients": len(set(patients)), "covid19": npos, "not_covid19": nneg,
-        "accuracy": round((tp + tn) / len(y), 4),
+        "accuracy": round(rep["accuracy"], 4),
         "sensitivity": round(tp / npos, 4) if npos else None, "sensitivity_ci95": proportion_ci(tp, npos),
         "specificity": round(tn / nneg, 4) if nneg else None, "specificity_ci95": proportion_ci(tn, nneg),
-        "auc": round(float(roc_auc_score(y, p)), 4) if npos and nneg else None,
+        "auc": round(covid["auc"], 4) if covid["auc"] is not None else None,
         "auc_ci95_patient_bootstrap": auc_ci_by_patient(y, p, patients),
     }
 
@@ -89,10 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     probe = adult_probe_items(cxr, datalist, covid)
     images = sorted({it["image"] for it in test} | {it["image"] for it in probe})
     result = {"what": __doc__.split("\n")[0], "date": time.strftime("%Y-%m-%d"), "note": args.note, "threshold": 0.5,
-              "adult_probe_findings": {}, "variants": {}}
-    for it in probe:
-        if not it["covid"]:
-            result["adult_probe_findings"][it["finding"]] = result["adult_probe_findings"].get(it["finding"], 0) + 1
+              "adult_probe_findings": dict(Counter(it["finding"] for it in probe if not it["covid"])), "variants": {}}
     for name, (model_file, cbam) in VARIANTS.items():
         if not (bundle / "models" / model_file).is_file():
             result["variants"][name] = {"skipped": f"no models/{model_file}"}

@@ -150,7 +150,8 @@ def adult_probe_items(cxr_root: str | os.PathLike, datalist: dict, covid_class: 
     """
     seen = {it["patient"] for part in ("training", "validation") for it in datalist.get(part, [])}
     listed = {it["image"] for part in ("training", "validation", "test") for it in datalist.get(part, [])}
-    groups = {r["image"]: r["group"] for r in cxr_records(cxr_root) if r["source"] == "ieee8023"}
+    adults = [r for r in cxr_records(cxr_root) if r["source"] == "ieee8023"]
+    groups = {r["image"]: r["group"] for r in adults}
     out = [
         {"image": it["image"], "patient": it["patient"], "finding": it.get("finding", ""),
          "group": groups.get(it["image"], "covid" if it["label"] == covid_class else "other"),
@@ -158,8 +159,8 @@ def adult_probe_items(cxr_root: str | os.PathLike, datalist: dict, covid_class: 
         for it in datalist["test"]
         if it["image"].startswith("ieee8023/")
     ]
-    for r in cxr_records(cxr_root):
-        if r["source"] == "ieee8023" and r["patient"] not in seen and r["image"] not in listed:
+    for r in adults:
+        if r["patient"] not in seen and r["image"] not in listed:
             out.append({"image": r["image"], "patient": r["patient"], "finding": r["finding"], "group": r["group"],
                         "covid": r["group"] == "covid"})
     return out

@@ -101,15 +101,15 @@ def sample_weights(items: Sequence[dict], num_classes: int, within: str | None =
     ``within`` (an item key such as ``"domain"``), each value of that key equally often inside its class, so
     e.g. the children's and the adults' films of one class are drawn as often as each other and a network
     cannot learn the patients' age in place of the class."""
+    def cell(it: dict) -> tuple:
+        return int(it["label"]), (it.get(within) if within else None)
+
     labels = Counter(int(it["label"]) for it in items)
-    cells = Counter((int(it["label"]), it.get(within) if within else None) for it in items)
+    cells = Counter(cell(it) for it in items)
     per_label = Counter(lab for lab, _ in cells)
-    n = sum(labels.values())
+    n = len(items)
     del num_classes  # classes present in the items are balanced; kept for the configs' call signature
-    return [
-        n / (len(labels) * per_label[int(it["label"])] * cells[(int(it["label"]), it.get(within) if within else None)])
-        for it in items
-    ]
+    return [n / (len(labels) * per_label[cell(it)[0]] * cells[cell(it)]) for it in items]
 
 
 def class_balance(items: Sequence[dict], class_names: Sequence[str]) -> dict[str, int]:
