@@ -108,6 +108,20 @@ def test_routes_only_images_above_the_threshold(tmp_path, stub_cascade):
         assert r.viral_threshold == 0.5
 
 
+def test_explained_stage_2_runs_once_and_answers_as_without_the_overlay(tmp_path, stub_cascade):
+    """With an overlay, stage 2's probabilities come from the Grad-CAM forward pass itself: one call per image,
+    the same probabilities and label as without Grad-CAM."""
+    f = _grey_png(tmp_path / "g.png", 204)
+    plain = stub_cascade(0.5).predict(f)
+    explained_cascade = stub_cascade(0.5)
+    explained = explained_cascade.predict(f, overlay_path=tmp_path / "cam.png")
+    assert explained_cascade.stage2.network.calls == 1
+    assert explained.label == plain.label == "COVID-19" and explained.gradcam["stage"] == "stage 2"
+    assert explained.stage2_probabilities == pytest.approx(plain.stage2_probabilities, abs=1e-7)
+    assert Image.open(explained.overlay_png).size == (32, 32)
+    assert all(p.requires_grad and p.grad is None for p in explained_cascade.stage2.network.parameters())
+
+
 def test_threshold_is_strict_and_comes_from_the_stored_value(tmp_path, stub_cascade):
     f = _grey_png(tmp_path / "g.png", 153)
     p = stub_cascade(0.0).predict(f).viral_probability

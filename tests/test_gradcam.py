@@ -63,6 +63,30 @@ def test_gradcam_on_seme_resnet(xray_224):
     assert all(p.grad is None for p in net.parameters())
 
 
+def test_backward_stops_at_the_layer_and_gives_the_full_backprop_map(xray_224):
+    """The fast path (parameters frozen, backward from the score to the layer only) must give the map MONAI's
+    GradCAM gives with a full backward to the input, and the logits of a plain forward pass."""
+    from monai.visualize import GradCAM
+
+    from ctcovid.visualize import gradcam_with_logits
+
+    torch.manual_seed(0)
+    net = SEResNet50(in_channels=1, num_classes=3).eval()
+    x = xray_224[None].float()
+    heat, logits = gradcam_with_logits(net, x, net.gradcam_layer, class_index=2)
+    torch.manual_seed(0)
+    reference_net = SEResNet50(in_channels=1, num_classes=3).eval()  # same weights, no hooks of ours
+    reference = GradCAM(reference_net, net.gradcam_layer, postprocessing=lambda m: m)
+    raw = reference(x.clone().requires_grad_(True), class_idx=2)
+    ref = raw.detach().numpy()[0, 0]
+    ref = (ref - ref.min()) / (ref.max() - ref.min())
+    np.testing.assert_allclose(heat, ref, atol=1e-5)
+    with torch.no_grad():
+        np.testing.assert_allclose(logits.numpy(), net(x).numpy(), rtol=1e-5, atol=1e-6)
+    assert all(p.requires_grad and p.grad is None for p in net.parameters())  # flags restored, no weight grads
+    assert not net._forward_hooks  # the logits hook is removed
+
+
 def test_overlay_and_atomic_png(xray_224, tmp_path):
     img = xray_224[0].numpy()
     heat = np.zeros((7, 7), np.float32)

@@ -163,10 +163,17 @@ class CXRCascade:
             passed_threshold=passed,
             models=self.models(),
         )
-        x2 = None
+        x2, heat = None, None
         if passed or stage2_for_all:
             x2 = self.stage2.preprocess(image)
-            p2 = self.stage2.probabilities(x2)
+            if passed and overlay_path is not None and self.stage2.gradcam_layer:
+                # stage 2 decides and is explained for its predicted class (= the label): one forward gives both
+                from ctcovid.visualize.gradcam import gradcam_with_logits
+
+                heat, logits = gradcam_with_logits(self.stage2.network, x2, self.stage2.gradcam_layer)
+                p2 = self.stage2.softmax(logits)
+            else:
+                p2 = self.stage2.probabilities(x2)
             result.stage2_probabilities = dict(zip(self.stage2.class_names, map(float, p2)))
         if passed:
             k = int(np.argmax(p2))
@@ -178,7 +185,7 @@ class CXRCascade:
             result.label, result.decided_by = self.stage1.class_names[k], "stage 1"
             stage, x, class_index = self.stage1, x1, k
         if overlay_path is not None:
-            result.overlay_png = str(self._gradcam(stage, x, class_index, overlay_path, image))
+            result.overlay_png = str(self._gradcam(stage, x, class_index, overlay_path, image, heat))
             result.gradcam = {"stage": stage.name, "class": stage.class_names[class_index], "layer": stage.gradcam_layer}
         return result
 
@@ -186,14 +193,21 @@ class CXRCascade:
     overlay_max_side = 1024
 
     def _gradcam(
-        self, stage: CXRStage, x: torch.Tensor, class_index: int, path: str | os.PathLike, image: torch.Tensor
+        self,
+        stage: CXRStage,
+        x: torch.Tensor,
+        class_index: int,
+        path: str | os.PathLike,
+        image: torch.Tensor,
+        heat: np.ndarray | None = None,
     ) -> Path:
-        """Grad-CAM of ``stage`` for ``class_index`` over the original radiograph, written as PNG."""
+        """Grad-CAM of ``stage`` for ``class_index`` (``heat``: already computed) over the radiograph, as PNG."""
         from ctcovid.visualize.gradcam import gradcam_heatmap, overlay_heatmap, save_png_atomic
 
         if not stage.gradcam_layer:
             raise RuntimeError(f"{stage.name}: network has no gradcam_layer to explain")
-        heat = gradcam_heatmap(stage.network, x, stage.gradcam_layer, class_index=class_index)
+        if heat is None:
+            heat = gradcam_heatmap(stage.network, x, stage.gradcam_layer, class_index=class_index)
         grey = np.asarray(image[0].detach().cpu().numpy(), dtype=np.float32)
         scale = self.overlay_max_side / max(grey.shape)
         if scale < 1:

@@ -144,7 +144,10 @@ class CXRStage:
     @torch.no_grad()
     def probabilities(self, x: torch.Tensor) -> np.ndarray:
         """Softmax probabilities ``(K,)`` for a ``(1, C, h, w)`` input."""
-        logits = self.network(x)
+        return self.softmax(self.network(x))
+
+    def softmax(self, logits: torch.Tensor) -> np.ndarray:
+        """``(1, K)`` logits of this stage's network -> probabilities ``(K,)``; checks the shape."""
         if logits.ndim != 2 or logits.shape != (1, len(self.class_names)):
             raise RuntimeError(f"{self.name}: network output {tuple(logits.shape)}, expected (1, {len(self.class_names)})")
         return torch.softmax(logits.float(), dim=1)[0].cpu().numpy().astype(np.float64)

@@ -18,9 +18,11 @@ from ctcovid.io.ct_volume import (
     check_volume_size,
     infer_intensity_domain,
     make_ct_image,
+    voxel_limit,
 )
 from ctcovid.io.dicom_decode import Backend, decode_series
 from ctcovid.io.dicom_headers import DicomHeader, read_header
+from ctcovid.io.dicom_prefetch import SeriesPrefetch
 from ctcovid.io.dicom_series import check_series_geometry, choose_series
 from ctcovid.io.errors import (
     DimensionalityError,
@@ -135,6 +137,7 @@ def _load_dicom(
     domain: IntensityDomain | None,
     backend: Backend,
     single_file: bool,
+    prefetch: SeriesPrefetch | None = None,
 ) -> MetaTensor:
     chosen, note = choose_series(headers, source)
     if len(chosen) == 1 and not allow_2d:
@@ -148,7 +151,7 @@ def _load_dicom(
         )
     geom = check_series_geometry(chosen, source)
     check_volume_size((geom.headers[0].columns, geom.headers[0].rows, len(geom.headers)), source)
-    array, used = decode_series(geom.headers, backend)
+    array, used = decode_series(geom.headers, backend, prefetch)
     check_finite(array, source)
     array, affine, tilt = correct_gantry_tilt(array, geom.affine)
     array, affine, input_codes = to_axial(array, affine)
@@ -269,13 +272,21 @@ def _load_folder(
     images = [f for f in files if _suffix(f) in IMAGE_EXTENSIONS]
     niftis = [f for f in files if is_nifti(f)]
 
-    headers = _dicom_headers(folder, [f for f in files if _may_be_dicom(f)])
-    if headers:
-        if images:
-            logger.warning("%s: ignoring %d image file(s) next to the DICOM files", folder, len(images))
-        return _load_dicom(
-            headers, folder, allow_2d=allow_2d, domain=domain, backend=backend, single_file=False
-        )
+    candidates = [f for f in files if _may_be_dicom(f)]
+    # GDCM decodes while pydicom reads and we check the headers (ctcovid.io.dicom_prefetch)
+    prefetch = SeriesPrefetch(candidates, voxel_limit()) if len(candidates) > 1 and backend != "pydicom" else None
+    try:
+        headers = _dicom_headers(folder, candidates)
+        if headers:
+            if images:
+                logger.warning("%s: ignoring %d image file(s) next to the DICOM files", folder, len(images))
+            return _load_dicom(
+                headers, folder, allow_2d=allow_2d, domain=domain, backend=backend, single_file=False,
+                prefetch=prefetch,
+            )
+    finally:
+        if prefetch is not None:
+            prefetch.cancel()
     if images:
         if len(images) == 1 and not allow_2d:
             raise DimensionalityError(

@@ -19,7 +19,9 @@ import pydicom
 from pydicom import config
 from pydicom.uid import UID
 
+from ctcovid.io.ct_volume import c_order_xyz
 from ctcovid.io.dicom_headers import DicomHeader, header_float
+from ctcovid.io.dicom_prefetch import SeriesPrefetch
 from ctcovid.io.errors import CorruptFileError, UnsupportedTransferSyntaxError
 from ctcovid.io.pydicom_compat import decoder_status
 
@@ -151,7 +153,8 @@ def _decode_pydicom(headers: Sequence[DicomHeader]) -> np.ndarray:
     return out
 
 
-def _decode_sitk(headers: Sequence[DicomHeader]) -> np.ndarray:
+def _decode_sitk(headers: Sequence[DicomHeader]) -> tuple[object, np.ndarray]:
+    """(SimpleITK image, (Z, Y, X) view of its buffer): keep the image while the view is used."""
     import SimpleITK as sitk
 
     reader = sitk.ImageSeriesReader()
@@ -161,33 +164,44 @@ def _decode_sitk(headers: Sequence[DicomHeader]) -> np.ndarray:
     warn = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)  # GDCM's spacing warnings: our own checks cover them
     try:
-        arr = sitk.GetArrayFromImage(reader.Execute())
+        image = reader.Execute()
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(warn)
+    arr = sitk.GetArrayViewFromImage(image)
     expected = (len(headers), headers[0].rows, headers[0].columns)
     if arr.shape != expected:
         raise RuntimeError(f"SimpleITK returned shape {arr.shape}, expected {expected}")
-    return arr
+    return image, arr
 
 
-def decode_series(headers: Sequence[DicomHeader], backend: Backend = "auto") -> tuple[np.ndarray, str]:
+def decode_series(
+    headers: Sequence[DicomHeader], backend: Backend = "auto", prefetch: SeriesPrefetch | None = None
+) -> tuple[np.ndarray, str]:
     """Decode ordered slices to a float32 (X, Y, Z) array in rescaled units (HU for CT).
 
     Args:
         headers: the slices in array order (from :func:`check_series_geometry`).
         backend: ``"sitk"`` (SimpleITK/GDCM, fastest), ``"pydicom"`` or ``"auto"`` (sitk when GDCM
             handles every transfer syntax).
+        prefetch: a SimpleITK decode of the folder started before the headers were checked: its pixels are
+            used when it holds these files (the sitk backend only; it is cancelled otherwise). The caller
+            cancels it when it stops before decoding.
 
     Returns:
-        ``(array, backend used)``; ``array[i, j, k]`` is column i, row j of slice k.
+        ``(array, backend used)``; ``array[i, j, k]`` is column i, row j of slice k; C-contiguous.
 
     Raises:
         UnsupportedTransferSyntaxError, CorruptFileError (truncated/corrupt pixel data, names the file).
     """
     backend = check_transfer_syntaxes(headers, backend)
-    if backend == "sitk":
+    zyx, image = None, None  # image: the SimpleITK image whose buffer zyx views
+    if prefetch is not None:
+        zyx = prefetch.take(headers) if backend == "sitk" else prefetch.cancel()
+    if zyx is not None:
+        pass
+    elif backend == "sitk":
         try:
-            zyx = _decode_sitk(headers)
+            image, zyx = _decode_sitk(headers)
         except RuntimeError as e:
             # GDCM's message rarely names the file: decode with pydicom to find it (or succeed).
             logger.warning(
@@ -201,4 +215,6 @@ def decode_series(headers: Sequence[DicomHeader], backend: Backend = "auto") -> 
             zyx, backend = _decode_pydicom(headers), "pydicom"
     else:
         zyx = _decode_pydicom(headers)
-    return zyx.transpose(2, 1, 0), backend
+    xyz = c_order_xyz(zyx.transpose(2, 1, 0))  # the one copy, made while the decoded buffer is alive
+    del image
+    return xyz, backend

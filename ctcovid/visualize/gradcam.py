@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +19,7 @@ import torch
 import torch.nn as nn
 from monai.visualize import GradCAM
 
-__all__ = ["gradcam_heatmap", "overlay_heatmap", "save_png_atomic"]
+__all__ = ["gradcam_heatmap", "gradcam_with_logits", "overlay_heatmap", "save_png_atomic"]
 
 _CACHE_ATTR = "_ctcovid_gradcam_cache"
 
@@ -37,6 +40,34 @@ def _cam_for(network: nn.Module, target_layer: str) -> GradCAM:
     return cache[target_layer]
 
 
+def _output_requires_grad(_module: nn.Module, _inputs, output) -> None:
+    # a leaf here (nothing before it requires grad): the backward starts at it. (An in-place op on the layer's
+    # output is refused by torch either way: MONAI's full backward hook wraps that output.)
+    if isinstance(output, torch.Tensor) and not output.requires_grad:
+        output.requires_grad_(True)
+
+
+@contextmanager
+def _backward_stops_at(network: nn.Module, target_layer: str) -> Iterator[None]:
+    """Let the backward run from the class score down to ``target_layer`` only.
+
+    Grad-CAM needs the gradient at the layer's output, not the weights' gradients nor anything below the
+    layer. With the parameters frozen and the layer's output made a leaf that requires grad, autograd records
+    and runs only the layers after it: the backward of SE-ResNet-50 at 224² drops from ~0.2 s to a few ms.
+    The parameters' ``requires_grad`` flags are restored afterwards.
+    """
+    flags = [(p, p.requires_grad) for p in network.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    handle = network.get_submodule(target_layer).register_forward_hook(_output_requires_grad)
+    try:
+        yield
+    finally:
+        handle.remove()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
 def gradcam_heatmap(
     network: nn.Module, image: torch.Tensor, target_layer: str, class_index: int | None = None
 ) -> np.ndarray:
@@ -53,22 +84,37 @@ def gradcam_heatmap(
         ``(H, W)`` float32 heat map in ``[0, 1]`` (1 = strongest evidence; all zeros when the class has no
         positive evidence in that layer), upsampled to the image size.
     """
+    return gradcam_with_logits(network, image, target_layer, class_index)[0]
+
+
+def gradcam_with_logits(
+    network: nn.Module, image: torch.Tensor, target_layer: str, class_index: int | None = None
+) -> tuple[np.ndarray, torch.Tensor]:
+    """:func:`gradcam_heatmap` and the ``(1, K)`` logits of the same forward pass (detached), so a caller that
+    needs both the answer and its explanation runs the network once."""
     x = torch.as_tensor(image)
     if x.ndim == 3:
         x = x[None]
     if x.ndim != 4 or x.shape[0] != 1:
         raise ValueError(f"gradcam_heatmap expects one 2D image (1, C, H, W), got shape {tuple(x.shape)}")
-    # A plain tensor that requires grad: the map must exist even for a frozen network or a MetaTensor input.
-    x = x.as_tensor() if hasattr(x, "as_tensor") else x
-    x = x.detach().float().requires_grad_(True)
+    x = x.as_tensor() if hasattr(x, "as_tensor") else x  # a plain tensor (MONAI's hooks, MetaTensor inputs)
+    x = x.detach().float()
     cam = _cam_for(network, target_layer)
-    with torch.enable_grad():
-        raw = cam(x, class_idx=class_index)
+    outputs: list[torch.Tensor] = []
+    keep_logits = network.register_forward_hook(lambda _m, _i, out: outputs.append(out))
+    try:
+        with torch.enable_grad(), _backward_stops_at(network, target_layer), warnings.catch_warnings():
+            # torch notes that the layer's full backward hook (MONAI's) fires on output gradients since no input
+            # requires grad: that is the point of _backward_stops_at
+            warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+            raw = cam(x, class_idx=class_index)
+    finally:
+        keep_logits.remove()
     network.zero_grad(set_to_none=True)
     heat = raw.detach().float().cpu().numpy()[0, 0]
     lo, hi = float(heat.min()), float(heat.max())
     heat = (heat - lo) / (hi - lo) if hi > lo else np.zeros_like(heat)
-    return heat.astype(np.float32)
+    return heat.astype(np.float32), outputs[-1].detach()
 
 
 def overlay_heatmap(image_2d: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4, cmap: str = "jet") -> np.ndarray:
@@ -102,11 +148,12 @@ def overlay_heatmap(image_2d: np.ndarray, heatmap: np.ndarray, alpha: float = 0.
     return np.clip(np.round(out * 255.0), 0, 255).astype(np.uint8)
 
 
-def save_png_atomic(array: np.ndarray, path: str | os.PathLike) -> Path:
+def save_png_atomic(array: np.ndarray, path: str | os.PathLike, compress_level: int = 1) -> Path:
     """Write ``array`` as PNG at ``path`` atomically (temporary file in the same folder, then ``os.replace``).
 
     ``array``: ``(H, W)`` grey, ``(H, W, 3)`` RGB or ``(H, W, 4)`` RGBA; uint8, bool, or float in ``[0, 1]``
-    (scaled to 0..255). Returns the path.
+    (scaled to 0..255). ``compress_level``: zlib level 0-9; the default 1 encodes a 1024² overlay ~4x faster
+    than Pillow's 6 for a file ~15 % larger. Returns the path.
     """
     from PIL import Image
 
@@ -124,5 +171,5 @@ def save_png_atomic(array: np.ndarray, path: str | os.PathLike) -> Path:
     elif arr.dtype != np.uint8:
         raise ValueError(f"unsupported dtype {arr.dtype}; give uint8, bool or float in [0, 1]")
     buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(arr)).save(buf, format="PNG")
+    Image.fromarray(np.ascontiguousarray(arr)).save(buf, format="PNG", compress_level=compress_level)
     return write_bytes_atomic(buf.getvalue(), path)
