@@ -22,6 +22,7 @@ from ctcovid.io import LoadXRayd, load_xray
 from ctcovid.io.errors import (
     CorruptFileError,
     DimensionalityError,
+    ImageTooSmallError,
     InputNotFoundError,
     NonFiniteValuesError,
     UnsupportedFormatError,
@@ -125,6 +126,22 @@ def test_16bit_png_scaled_by_bit_depth(tmp_path):
     x = load_xray(tmp_path / "x16.png")
     assert x.meta["original_bit_depth"] == 16
     np.testing.assert_allclose(x[0].numpy(), arr / 65535.0, atol=1e-6)
+
+
+def test_cmyk_jpeg_is_read_as_grey(ieee_jpg, tmp_path):
+    """A CMYK JPEG (print workflows) converts to the same grey radiograph within JPEG and CMYK rounding."""
+    grey = Image.open(ieee_jpg).convert("L")
+    grey.convert("CMYK").save(tmp_path / "cmyk.jpg", quality=95)
+    x = load_xray(tmp_path / "cmyk.jpg")
+    _assert_xray(x, (grey.height, grey.width))
+    assert np.abs(x[0].numpy() - np.asarray(grey) / 255.0).mean() < 0.02
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (31, 400), (400, 20)])
+def test_too_small_images_are_refused(tmp_path, shape):
+    Image.fromarray(np.full(shape, 128, np.uint8)).save(tmp_path / "tiny.png")
+    with pytest.raises(ImageTooSmallError, match=rf"tiny.png: image is {shape[0]}x{shape[1]} pixels"):
+        load_xray(tmp_path / "tiny.png")
 
 
 def test_dictionary_twin_in_compose(ieee_jpg, rg1):

@@ -165,6 +165,36 @@ def test_batch_run_outputs_and_failed_rows(tmp_path, stub_cascade):
         stub_cascade(0.5).predict(corrupt)
 
 
+def test_issue_bad_input_list_in_one_batch(tmp_path, stub_cascade):
+    """Issue 18's bad inputs in one run: unusable files (not an image, 1x1 pixel, corrupt) get a failed row
+    naming the file and the problem and no overlay; readable odd formats (16-bit PNG, MONOCHROME1 DICOM, CMYK
+    JPEG) are read; the batch goes on and leaves no temporary file."""
+    src = data_path("cxr", "ieee8023", "images", "02b76460.jpg")
+    grey = Image.open(src).convert("L")
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / "notes.txt").write_text("not an image")
+    Image.fromarray(np.full((1, 1), 128, np.uint8)).save(inputs / "one_pixel.png")
+    Image.fromarray(np.asarray(grey).astype(np.uint16) * 257).save(inputs / "sixteen_bit.png")
+    shutil.copy(data_path("fixtures", "pydicom_data_pypi", "RG1_UNCR.dcm"), inputs / "mono1.dcm")
+    grey.convert("CMYK").save(inputs / "cmyk.jpg")
+    data = src.read_bytes()
+    (inputs / "corrupt.jpg").write_bytes(data[: len(data) // 3])
+    files = sorted(str(f) for f in inputs.iterdir())
+    report = run_cascade(stub_cascade(0.5), files, tmp_path / "out")
+    with open(tmp_path / "out" / "summary.csv", newline="") as fh:
+        rows = {r["id"]: r for r in csv.DictReader(fh)}
+    failed = {"notes.txt": "unsupported format", "one_pixel": "1x1 pixels", "corrupt": "truncated or corrupt"}
+    assert report.failed == 3 and report.ok == 3
+    for name, why in failed.items():
+        assert rows[name]["status"] == "failed" and why in rows[name]["reason"]
+        assert rows[name]["reason"].startswith(str(inputs))  # names the file
+        assert not (tmp_path / "out" / f"{name}_gradcam.png").exists()
+    for name in ("sixteen_bit", "mono1", "cmyk"):
+        assert rows[name]["status"] == "ok" and (tmp_path / "out" / f"{name}_gradcam.png").is_file()
+    assert not [f for f in (tmp_path / "out").iterdir() if f.name.endswith(".tmp") or f.name.startswith(".")]
+
+
 def test_batch_rerun_resumes_and_force_recomputes(tmp_path, stub_cascade):
     """The cascade runs on the shared batch runner: a re-run reuses finished images (their rows rebuilt from
     the JSON records), retries failed ones, and recomputes an image whose content or threshold changed."""

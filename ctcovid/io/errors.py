@@ -71,6 +71,10 @@ class ImageQualityError(CTInputError):
     """An image fails a quality check (too blurry, contrast too low or too high); the message says which."""
 
 
+class ImageTooSmallError(CTInputError):
+    """An image has too few pixels to be the scan or radiograph it is given as (e.g. a 1x1 PNG)."""
+
+
 class VolumeTooLargeError(CTInputError):
     """A volume's size, known from its headers, is beyond what the pipeline reads (refused before any pixel is
     read); the limit is ``CTCOVID_MAX_VOXELS``."""
@@ -78,6 +82,7 @@ class VolumeTooLargeError(CTInputError):
 
 __all__ = [
     "CTInputError",
+    "ImageTooSmallError",
     "EmptyInputError",
     "NoCTSeriesError",
     "InconsistentSeriesError",

@@ -37,13 +37,18 @@ from ctcovid.io.errors import (
     CorruptFileError,
     DimensionalityError,
     EmptyInputError,
+    ImageTooSmallError,
     InputNotFoundError,
     NonFiniteValuesError,
     UnsupportedFormatError,
     UnsupportedTransferSyntaxError,
 )
 
-__all__ = ["load_xray", "LoadXRay", "LoadXRayd", "XRAY_EXTENSIONS"]
+__all__ = ["load_xray", "LoadXRay", "LoadXRayd", "MIN_XRAY_SIDE", "XRAY_EXTENSIONS"]
+
+#: Fewest pixels per side of a radiograph: smaller images (thumbnails, icons, a 1x1 placeholder) would be
+#: upsampled to the networks' 224-512 px into a confident answer about nothing.
+MIN_XRAY_SIDE = 32
 
 #: File name endings taken to claim an image format (a file with one of these that cannot be read is corrupt,
 #: any other unreadable file is an unsupported format).
@@ -71,6 +76,7 @@ def load_xray(path: str | os.PathLike) -> MetaTensor:
         DimensionalityError: a multi-frame image or volume where one 2D radiograph is needed.
         EmptyInputError: an image with no pixels.
         NonFiniteValuesError: NaN or infinite pixel values.
+        ImageTooSmallError: fewer than :data:`MIN_XRAY_SIDE` pixels on a side.
     """
     p = Path(path)
     if not p.exists():
@@ -87,6 +93,10 @@ def load_xray(path: str | os.PathLike) -> MetaTensor:
         raise EmptyInputError(p, f"image has no pixels (shape {arr.shape})")
     if not np.all(np.isfinite(arr)):
         raise NonFiniteValuesError(p, f"{int((~np.isfinite(arr)).sum())} pixel values are NaN or infinite")
+    if min(arr.shape) < MIN_XRAY_SIDE:
+        raise ImageTooSmallError(
+            p, f"image is {arr.shape[0]}x{arr.shape[1]} pixels; a radiograph needs at least {MIN_XRAY_SIDE} on each side"
+        )
     arr = np.clip(arr, 0.0, 1.0).astype(np.float32)
     meta.update(filename_or_obj=str(p), spatial_shape=np.asarray(arr.shape), original_channel_dim=0)
     sr, sc = meta.get("pixel_spacing") or (1.0, 1.0)
