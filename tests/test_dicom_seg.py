@@ -109,3 +109,81 @@ def test_mask_that_does_not_fit_the_series_is_refused(complete_series, tmp_path)
     with pytest.raises(CTInputError, match=r"lung mask \(512, 512, 10\) does not fit the series"):
         write_dicom_seg({"lung": np.ones((512, 512, 10), np.uint8)}, files, tmp_path / "x_seg.dcm")
     assert list(tmp_path.iterdir()) == []
+
+
+def _seg_segment(seg_path: Path, files, segment: int) -> np.ndarray:
+    """Segment ``segment`` of a SEG as an (X, Y, Z) bool array on the grid of ``files`` (slice order)."""
+    sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    frames = hd.seg.segread(seg_path).get_pixels_by_source_instance(
+        source_sop_instance_uids=[ds.SOPInstanceUID for ds in sources],
+        segment_numbers=[segment],
+        assert_missing_frames_are_empty=True,
+    )
+    return frames[..., 0].transpose(2, 1, 0) > 0
+
+
+@pytest.fixture(scope="module")
+def assigned_run(seg_only_bundles, covid_ct_md_series, tmp_path_factory) -> Path:
+    """``ctcovid predict --assign-dicom-uids`` on normal002 as shared (no SOPInstanceUIDs, no frame of reference)."""
+    from ctcovid.cli.main import main
+
+    out = tmp_path_factory.mktemp("assigned")
+    argv = ["predict", str(covid_ct_md_series), "--out", str(out), "--bundle-dir", str(seg_only_bundles),
+            "--device", "cpu", "--no-gradcam", "--no-progress", "--assign-dicom-uids"]  # fmt: skip
+    assert main(argv) == 0
+    return out
+
+
+def test_series_without_uids_gets_a_seg_against_a_copy_with_assigned_uids(assigned_run, covid_ct_md_series):
+    """The issue's case: ``ctcovid predict`` on normal002 writes a SEG that reads back equal to the NIfTI masks,
+    referencing normal002_dicom/, a copy whose pixels and geometry are the source's."""
+    import nibabel as nib
+
+    from ctcovid.io.ct import dicom_series_files
+
+    record = json.loads((assigned_run / "normal002.json").read_text())
+    assert record["outputs"]["dicom_seg"] == "normal002_seg.dcm"
+    assert record["outputs"]["dicom_series"] == "normal002_dicom"
+    assert "normal002_dicom/" in record["output_notes"]["dicom_seg"] and "no SOPInstanceUID" in record["output_notes"]["dicom_seg"]
+    copy_files = dicom_series_files(assigned_run / "normal002_dicom")
+    source_files = dicom_series_files(covid_ct_md_series)
+    assert [Path(f).name for f in copy_files] == [Path(f).name for f in source_files]  # same slices, same order
+    for segment, name in ((1, "lung"), (2, "infection")):
+        nifti = np.asarray(nib.load(assigned_run / f"normal002_{name}_mask.nii.gz").dataobj) > 0
+        from_seg = _seg_segment(assigned_run / "normal002_seg.dcm", copy_files, segment)
+        assert from_seg.shape == nifti.shape == (512, 512, 167) and np.array_equal(from_seg, nifti)  # voxel for voxel
+        assert nifti.sum() > (100_000 if name == "lung" else 0)
+    seg = hd.seg.segread(assigned_run / "normal002_seg.dcm")
+    first = pydicom.dcmread(copy_files[0])
+    assert seg.FrameOfReferenceUID == first.FrameOfReferenceUID and seg.StudyInstanceUID == first.StudyInstanceUID
+    original = pydicom.dcmread(source_files[0])
+    assert first.PixelData == original.PixelData and first.ImagePositionPatient == original.ImagePositionPatient
+    assert first.PatientID == original.PatientID == "normal002"
+    assert not list(assigned_run.glob(".*"))  # no temporary file or folder left
+
+
+def test_assigned_uids_are_valid_deterministic_and_keep_valid_ones(totalseg_dir, tmp_path):
+    """TotalSegmentator's DICOM export has no SOP instance, series or study UID in its datasets but a valid frame
+    of reference: the copy gets the missing ones, the same on a re-run, and keeps the valid one."""
+    from pydicom.uid import UID
+
+    from ctcovid.io.dicom_uids import copy_with_assigned_uids, missing_uid
+
+    files = sorted((totalseg_dir / "example_ct_dicom").iterdir())
+    originals = [pydicom.dcmread(f) for f in files]
+    assert missing_uid(originals[0]) == "no SOPInstanceUID"
+    first = copy_with_assigned_uids(files, tmp_path / "copy")
+    keys = ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "FrameOfReferenceUID")
+    uids1 = [tuple(d.get(k) for k in keys) for d in map(pydicom.dcmread, first)]
+    second = copy_with_assigned_uids(files, tmp_path / "copy")  # replaces the earlier copy
+    uids2 = [tuple(d.get(k) for k in keys) for d in map(pydicom.dcmread, second)]
+    assert uids1 == uids2  # a re-run assigns the same UIDs
+    assert len({u[0] for u in uids1}) == len(files)  # one SOP instance per file
+    assert all(len({u[i] for u in uids1}) == 1 for i in (1, 2, 3))  # one series, study, frame of reference
+    for path, orig in zip(second, originals):
+        ds = pydicom.dcmread(path)
+        assert missing_uid(ds) is None and all(UID(ds.get(k)).is_valid for k in keys)
+        assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+        assert ds.FrameOfReferenceUID == orig.FrameOfReferenceUID  # valid: kept
+        assert ds.PixelData == orig.PixelData and ds.ImagePositionPatient == orig.ImagePositionPatient
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy"]  # no temporary folders left

@@ -101,6 +101,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     missing.add_argument("--skip-missing", action="store_true", help=argparse.SUPPRESS)  # the default since 0.2
     p.add_argument("--allow-2d", action="store_true", help="accept single-slice inputs as 1-slice scans")
+    p.add_argument(
+        "--assign-dicom-uids",
+        action="store_true",
+        help="for a DICOM series whose export dropped the UIDs a DICOM SEG must reference (anonymised data): write "
+        "<scan>_dicom/, a copy of the series with UIDs assigned, and the SEG referencing it (scans already done "
+        "get theirs with --force)",
+    )
     p.set_defaults(func=run)
     return p
 
@@ -125,6 +132,7 @@ def build_pipeline(args, command: str, skip_missing: bool, allow_2d: bool):
             skip_missing=skip_missing,
             allow_2d=allow_2d,
             gradcam=not args.no_gradcam,
+            assign_dicom_uids=getattr(args, "assign_dicom_uids", False),
         )
     except (MissingWeightsError, BundleError) as e:
         error(command, str(e))

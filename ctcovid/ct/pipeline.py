@@ -121,6 +121,9 @@ class CTCovidPipeline:
             fraction of the slice (:class:`ctcovid.transforms.LungSlicesFromMask`); default: the
             detection bundle's ``lung_min_area`` (the rule its training data went through), else 0.01.
         bundles: override the bundle name of a stage, e.g. ``{"detection": "my_detector"}``.
+        assign_dicom_uids: a DICOM series whose export dropped the UIDs a DICOM SEG must reference (anonymised
+            data) gets its SEG against ``<scan>_dicom/``, a copy of the series with UIDs assigned, written
+            with it (:mod:`ctcovid.io.dicom_uids`); off (default): no SEG for it, and the record says why.
 
     Calling the pipeline on a path returns a :class:`CTResult` and raises a
     :class:`~ctcovid.io.errors.CTInputError` subclass for unusable input (no lung slices included).
@@ -146,6 +149,7 @@ class CTCovidPipeline:
         channels_last: bool | None = None,
         flush_denormal: bool = False,
         fold_batchnorm: bool = True,
+        assign_dicom_uids: bool = False,
     ) -> None:
         if severity not in SEVERITY_MODES:
             raise ValueError(f"severity must be one of {SEVERITY_MODES}, got {severity!r}")
@@ -157,6 +161,7 @@ class CTCovidPipeline:
         self.allow_2d = bool(allow_2d)
         self.covid_threshold = float(covid_threshold)
         self.use_gradcam = bool(gradcam)
+        self.assign_dicom_uids = bool(assign_dicom_uids)
         self.bundle_dir = bundle_dir
         self.stages: list[Stage] = [t() for t in STAGE_TYPES]
         names = {**DEFAULT_BUNDLES, **(bundles or {})}
@@ -325,6 +330,7 @@ class CTCovidPipeline:
             models=self.model_versions(),
             covid_threshold=self.covid_threshold,
             run=self.run_info(),
+            assign_dicom_uids=self.assign_dicom_uids,
         )
         if read_seconds is not None:
             res.timings_s["read"] = read_seconds

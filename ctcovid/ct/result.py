@@ -4,6 +4,7 @@ mask NIfTI, montage PNG and the scan's ``summary.csv`` row."""
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +89,7 @@ class CTResult:
     input_notes: list[str] = field(default_factory=list)
     tilt_drift_voxels: list[float] | None = None
     input_orientation: str | None = None  # axis codes of a non-axial input (masks are written back in them)
+    assign_dicom_uids: bool = field(default=False, repr=False)  # SEG for a series without UIDs: dicom_seg_output
     lung_mask: np.ndarray | None = field(default=None, repr=False)  # (X, Y, Z) uint8
     infection_mask: np.ndarray | None = field(default=None, repr=False)  # (X, Y, Z) uint8
     image: np.ndarray | None = field(default=None, repr=False)  # (X, Y, Z) float32 in [0, 1]
@@ -197,7 +199,10 @@ class CTResult:
             written["record"] = write_json_atomic(self.to_dict(), out / f"{self.scan_id}.json")
         except BaseException:  # e.g. a full disk: no file of a half-saved scan stays behind
             for p in written.values():
-                p.unlink(missing_ok=True)
+                if p.is_dir():  # the series copy with assigned UIDs
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
             raise
         return written
 
@@ -212,9 +217,9 @@ class CTResult:
                 array, affine = self.in_input_order(mask.astype(np.uint8))
                 written[key] = write_nifti_atomic(array, affine, out / f"{self.scan_id}_{key}.nii.gz")
         if self.status == "ok" and self.source_format == "dicom" and self.lung_mask is not None:
-            seg = self._save_dicom_seg(out / f"{self.scan_id}_seg.dcm")
-            if seg is not None:
-                written["dicom_seg"] = seg
+            from .dicom_seg_output import save_dicom_seg
+
+            save_dicom_seg(self, out, written)
         if self.status == "ok" and montage and self.image is not None and self.lung_mask is not None:
             t = time.perf_counter()
             title, note = self._montage_heading()
@@ -241,31 +246,6 @@ class CTResult:
         from ctcovid.io.orientation import to_input_order
 
         return to_input_order(mask, self.affine, self.input_orientation or "")
-
-    def _save_dicom_seg(self, path: Path) -> Path | None:
-        """The masks as a DICOM SEG referencing the source series; ``None`` (and why, in
-        ``output_notes``) when the series cannot be referenced. The SEG is an extra: its failure never
-        fails the scan, whose NIfTI mask is already written."""
-        from ctcovid.io.ct import dicom_series_files
-        from ctcovid.io.dicom_seg import write_dicom_seg
-
-        t = time.perf_counter()
-        try:
-            masks = {"lung": self.in_input_order(self.lung_mask)[0]}
-            if self.infection_mask is not None:
-                masks["infection"] = self.in_input_order(self.infection_mask)[0]
-            if self.tilt_drift_voxels:  # SEG frames lie on the acquired (tilted) slices, not the corrected grid
-                from ctcovid.io.gantry_tilt import to_acquired_grid
-
-                masks = {k: to_acquired_grid(m, self.tilt_drift_voxels) for k, m in masks.items()}
-            return write_dicom_seg(masks, dicom_series_files(self.path), path)
-        except Exception as e:  # noqa: BLE001 -- recorded with its type; the scan's other outputs stand
-            from ctcovid.io.errors import CTInputError
-
-            self.output_notes["dicom_seg"] = f"not written: {e if isinstance(e, CTInputError) else repr(e)}"
-            return None
-        finally:
-            self.timings_s["dicom_seg"] = time.perf_counter() - t
 
     def _montage_heading(self) -> tuple[str, str]:
         parts = [self.scan_id, f"{self.slices_kept}/{self.slices_read} slices kept ({self.slice_selection})"]

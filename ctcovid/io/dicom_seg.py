@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from ctcovid.io.atomic import atomic_write
-from ctcovid.io.errors import CTInputError
+from ctcovid.io.dicom_uids import missing_uid
+from ctcovid.io.errors import CTInputError, UnreferencableSeriesError
 
 __all__ = ["SEGMENT_CODES", "write_dicom_seg"]
 
@@ -70,20 +71,18 @@ def _read_referencable(files: Sequence[str | os.PathLike]) -> list:
     points at its images by their UIDs and shares their frame of reference, so a series whose export dropped
     them is refused, naming the file, rather than given a SEG no viewer can place."""
     import pydicom
-    from pydicom.uid import UID
 
     sources = []
     for f in files:
         ds = pydicom.dcmread(os.fspath(f), stop_before_pixels=True)
-        for keyword in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "FrameOfReferenceUID"):
-            value = str(ds.get(keyword, "") or "")
-            if not value or not UID(value).is_valid:
-                what = f"an invalid {keyword} {value!r}" if value else f"no {keyword}"
-                raise CTInputError(
-                    f,
-                    f"has {what} (an anonymised export?): a DICOM SEG must reference its source images by "
-                    "their UIDs and frame of reference, so none is written; the NIfTI mask is complete",
-                )
+        what = missing_uid(ds)
+        if what is not None:
+            raise UnreferencableSeriesError(
+                f,
+                f"has {what} (an anonymised export?): a DICOM SEG must reference its source images by their UIDs "
+                "and frame of reference, so none is written (--assign-dicom-uids writes one against a copy of the "
+                "series with UIDs assigned); the NIfTI mask is complete",
+            )
         sources.append(ds)
     uids = [str(ds.SOPInstanceUID) for ds in sources]
     if len(set(uids)) != len(uids):
@@ -107,6 +106,7 @@ def write_dicom_seg(
         series_description: the SEG series' description.
 
     Raises:
+        UnreferencableSeriesError: a source file lacks a UID the SEG must reference (names the file).
         CTInputError: a mask's shape does not match the source series (the message names the first file).
     """
     import highdicom as hd

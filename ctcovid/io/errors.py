@@ -71,6 +71,11 @@ class ImageQualityError(CTInputError):
     """An image fails a quality check (too blurry, contrast too low or too high); the message says which."""
 
 
+class UnreferencableSeriesError(CTInputError):
+    """A DICOM series lacks the UIDs (SOP instance, series, study, frame of reference) a DICOM SEG must
+    reference; :func:`ctcovid.io.dicom_uids.copy_with_assigned_uids` writes a copy that has them."""
+
+
 class ImageTooSmallError(CTInputError):
     """An image has too few pixels to be the scan or radiograph it is given as (e.g. a 1x1 PNG)."""
 
@@ -83,6 +88,7 @@ class VolumeTooLargeError(CTInputError):
 __all__ = [
     "CTInputError",
     "ImageTooSmallError",
+    "UnreferencableSeriesError",
     "EmptyInputError",
     "NoCTSeriesError",
     "InconsistentSeriesError",
