@@ -216,5 +216,7 @@ def decode_series(
     else:
         zyx = _decode_pydicom(headers)
     xyz = c_order_xyz(zyx.transpose(2, 1, 0))  # the one copy, made while the decoded buffer is alive
-    del image
+    del zyx, image
+    if prefetch is not None:
+        prefetch.cancel()  # frees its decoded image now: the volume is not held twice past this point
     return xyz, backend
