@@ -147,9 +147,12 @@ def test_normalize_real_volumes_by_their_domain(totalseg_dir, medseg_dir):
     assert float(out_hu.as_tensor()[air].mean()) == pytest.approx(
         float(((hu.as_tensor()[air] + 1350) / 1500).mean()), abs=1e-5
     )
-    lo, hi = RobustDisplayScaling().percentiles(disp)
+    lo, hi = RobustDisplayScaling().percentiles(disp)  # 16.7 M voxels: estimated from 4.2 M random ones
     inside = disp.as_tensor()[disp.as_tensor() != 0].numpy()
-    assert (lo, hi) == pytest.approx(tuple(np.percentile(inside, [0.5, 99.5])))
+    # the estimates sit at the right ranks of the whole volume: within 0.05 percentile point
+    assert np.mean(inside < lo) * 100 <= 0.55 and np.mean(inside <= lo) * 100 >= 0.45
+    assert np.mean(inside < hi) * 100 <= 99.55 and np.mean(inside <= hi) * 100 >= 99.45
+    assert RobustDisplayScaling().percentiles(disp) == (lo, hi)  # deterministic
     assert out_disp.meta["filename_or_obj"] == disp.meta["filename_or_obj"]
     torch.testing.assert_close(out_disp.affine, disp.affine)
 

@@ -51,9 +51,8 @@ class SeriesPrefetch:
             import SimpleITK as sitk
 
             warn = sitk.ProcessObject.GetGlobalWarningDisplay()
-            sitk.ProcessObject.SetGlobalWarningDisplay(
-                False
-            )  # GDCM's notes on odd files: our checks report them
+            # GDCM's notes on odd files are not printed: our checks report what matters
+            sitk.ProcessObject.SetGlobalWarningDisplay(False)
             try:
                 self._decode(sitk)
             finally:
@@ -71,9 +70,8 @@ class SeriesPrefetch:
             return
         reader = sitk.ImageSeriesReader()
         reader.SetFileNames(self.files)
-        reader.SetOutputPixelType(
-            sitk.sitkFloat32
-        )  # each file's slope/intercept applied, as _decode_sitk does
+        # float32: each file's own slope/intercept applied, as ctcovid.io.dicom_decode._decode_sitk does
+        reader.SetOutputPixelType(sitk.sitkFloat32)
         reader.MetaDataDictionaryArrayUpdateOff()
         with self._lock:
             if self._cancelled:

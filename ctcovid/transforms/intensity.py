@@ -49,6 +49,20 @@ def _record(img: NdarrayOrTensor, what: str) -> NdarrayOrTensor:
     return img
 
 
+def _to_unit_range(img: NdarrayOrTensor, lower: float, upper: float) -> NdarrayOrTensor:
+    """``clip((img - lower) / (upper - lower), 0, 1)``, float32, metadata kept.
+
+    For a float32 tensor, ScaleIntensityRange's arithmetic fused into one new tensor: on a 300x512x512 volume
+    0.1 s and one volume of memory instead of 0.5 s and three (issue 9); other inputs go through it.
+    """
+    if isinstance(img, torch.Tensor) and img.dtype == torch.float32:
+        out = img.sub(lower).div_(upper - lower).clamp_(0.0, 1.0)
+        if not get_track_meta() and isinstance(out, MetaTensor):
+            out = out.as_tensor()
+        return out
+    return ScaleIntensityRange(lower, upper, 0.0, 1.0, clip=True)(img)
+
+
 class LungWindow(Transform):
     """Map Hounsfield units to [0, 1] through a lung window, clipped.
 
@@ -71,17 +85,9 @@ class LungWindow(Transform):
         self.width = float(width)
         self.lower = self.center - self.width / 2
         self.upper = self.center + self.width / 2
-        self._scale = ScaleIntensityRange(self.lower, self.upper, 0.0, 1.0, clip=True)
 
     def __call__(self, img: NdarrayOrTensor) -> NdarrayOrTensor:
-        if isinstance(img, torch.Tensor) and img.dtype == torch.float32:
-            # ScaleIntensityRange's arithmetic, fused into one new tensor: on a 300x512x512 volume 0.1 s and
-            # one volume of memory instead of 0.5 s and three (issue 9). Meta data is kept.
-            out = img.sub(self.lower).div_(self.width).clamp_(0.0, 1.0)
-            if not get_track_meta() and isinstance(out, MetaTensor):
-                out = out.as_tensor()
-        else:
-            out = self._scale(img)
+        out = _to_unit_range(img, self.lower, self.upper)
         return _record(out, f"lung_window({self.lower:g},{self.upper:g})")
 
 
@@ -101,6 +107,11 @@ class RobustDisplayScaling(Transform):
 
     backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
 
+    #: Percentiles of a larger volume are estimated from this many voxels drawn at random (fixed seed, so
+    #: deterministic): the estimate's rank error is ~0.01 percentile point, and a 418-slice 512² volume is
+    #: scaled in a fraction of the ~3 s an exact percentile over its 110 M voxels takes.
+    max_samples: int = 1 << 22
+
     def __init__(self, lower: float = 0.5, upper: float = 99.5, ignore_zeros: bool = True) -> None:
         if not 0 <= lower < upper <= 100:
             raise ValueError(f"need 0 <= lower < upper <= 100, got lower={lower}, upper={upper}")
@@ -109,10 +120,14 @@ class RobustDisplayScaling(Transform):
         self.ignore_zeros = ignore_zeros
 
     def percentiles(self, img: NdarrayOrTensor) -> tuple[float, float]:
-        """The (lower, upper) intensity percentiles used for ``img``."""
+        """The (lower, upper) intensity percentiles used for ``img`` (estimated from :attr:`max_samples`
+        random voxels when it has more)."""
         # numpy on CPU: torch.quantile refuses > 16M elements (a 630x630x45 volume) and boolean masking
         # is several times faster in numpy; MONAI's `percentile` makes the same switch above 1M values.
         values = np.asarray(convert_to_numpy(img, wrap_sequence=True), dtype=np.float32).reshape(-1)
+        if values.size > self.max_samples:
+            # random, not strided: a stride sharing a factor with the slice count would sample few slices
+            values = values[np.random.default_rng(0).integers(0, values.size, self.max_samples)]
         if self.ignore_zeros:
             nonzero = values[values != 0]
             if nonzero.size:
@@ -126,7 +141,7 @@ class RobustDisplayScaling(Transform):
             warnings.warn(f"RobustDisplayScaling: constant intensity {lo:g}; output set to 0", stacklevel=2)
             out = convert_to_tensor(img, dtype=torch.float32, track_meta=get_track_meta()) * 0.0
         else:
-            out = ScaleIntensityRange(lo, hi, 0.0, 1.0, clip=True)(img)
+            out = _to_unit_range(img, lo, hi)
         return _record(out, f"percentiles({self.lower:g},{self.upper:g})=({lo:g},{hi:g})")
 
 
