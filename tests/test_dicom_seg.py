@@ -129,8 +129,9 @@ def assigned_run(seg_only_bundles, covid_ct_md_series, tmp_path_factory) -> Path
 
     out = tmp_path_factory.mktemp("assigned")
     argv = ["predict", str(covid_ct_md_series), "--out", str(out), "--bundle-dir", str(seg_only_bundles),
-            "--device", "cpu", "--no-gradcam", "--no-progress", "--assign-dicom-uids"]  # fmt: skip
-    assert main(argv) == 0
+            "--device", "cpu", "--no-gradcam", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0 and not (out / "normal002_seg.dcm").exists()  # without the option: no SEG
+    assert main([*argv, "--assign-dicom-uids"]) == 0  # the option changes the result: recomputed, not reused
     return out
 
 

@@ -105,8 +105,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--assign-dicom-uids",
         action="store_true",
         help="for a DICOM series whose export dropped the UIDs a DICOM SEG must reference (anonymised data): write "
-        "<scan>_dicom/, a copy of the series with UIDs assigned, and the SEG referencing it (scans already done "
-        "get theirs with --force)",
+        "<scan>_dicom/, a copy of the series with UIDs assigned, and the SEG referencing it (scans done without "
+        "it are recomputed)",
     )
     p.set_defaults(func=run)
     return p

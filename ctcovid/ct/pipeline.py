@@ -257,6 +257,8 @@ class CTCovidPipeline:
             "slice_threshold": self.slice_threshold,
             "min_lung_area": self.min_lung_area,
             "precision": self.precision,
+            # only when on: the keys of runs without it stay as they were
+            **({"assign_dicom_uids": True} if self.assign_dicom_uids else {}),
         }
 
     def run_info(self) -> dict[str, Any]:
