@@ -86,6 +86,34 @@ def test_other_files_in_the_folder_make_it_decode_the_series_itself(
     assert "other series" in vol.meta["series_selection"]
 
 
+def test_a_study_folder_with_several_series_is_not_decoded_ahead(totalseg_dir, reference, tmp_path, monkeypatch):
+    """First and last files of different series (a study folder): nothing is decoded ahead (it would decode every
+    series), and the chosen series reads as on its own."""
+    from pydicom.uid import generate_uid
+
+    decoded: list[int] = []
+    real_decode = dicom_decode.SeriesPrefetch._decode
+
+    def spy(self, sitk):
+        real_decode(self, sitk)
+        decoded.append(self._image is not None)
+
+    monkeypatch.setattr(dicom_decode.SeriesPrefetch, "_decode", spy)
+    folder = tmp_path / "study"
+    folder.mkdir()
+    files = sorted((totalseg_dir / "example_ct_dicom").iterdir())
+    for i, f in enumerate(files):
+        shutil.copy(f, folder / f"a_{i:03d}.dcm")
+    other = generate_uid()
+    for i, f in enumerate(files[:10]):  # a shorter second series: the first one is chosen
+        ds = pydicom.dcmread(f)
+        ds.SeriesInstanceUID = other
+        ds.save_as(folder / f"b_{i:03d}.dcm")
+    vol = load_ct(folder, backend="sitk")
+    assert decoded == [False]
+    np.testing.assert_array_equal(vol[0].numpy(), reference)
+
+
 def test_a_refused_series_leaves_no_decoding_thread(totalseg_dir, tmp_path):
     folder = tmp_path / "gap"
     shutil.copytree(totalseg_dir / "example_ct_dicom", folder)

@@ -8,7 +8,8 @@ are decoded in name order as one stack, without a GDCM series scan first (that w
 The checks still decide everything: :meth:`SeriesPrefetch.take` hands the pixels over only when the decoded
 files include every file of the series the checks chose, in the checked slice order; otherwise it returns
 ``None`` and the caller decodes the checked series itself. Nothing here raises: a prefetch that fails
-(a stray non-DICOM file, mixed image sizes, too many voxels, an undecodable file) has nothing to hand over.
+(a stray non-DICOM file, mixed image sizes, too many voxels, an undecodable file) has nothing to hand over,
+and a folder whose first, middle and last files belong to different series is not decoded ahead at all.
 """
 
 from __future__ import annotations
@@ -61,10 +62,20 @@ class SeriesPrefetch:
             self._error = f"{type(e).__name__}: {str(e).strip()[:200]}"
 
     def _decode(self, sitk) -> None:
-        info = sitk.ImageFileReader()
-        info.SetFileName(self.files[0])
-        info.ReadImageInformation()
-        width, height = info.GetSize()[:2]
+        # A study folder with several series (thin and thick, two kernels) would be decoded whole, several
+        # times the chosen series' time and memory: decline unless the first, middle and last file (name order)
+        # are of one series and one size, as in a series folder.
+        looks = set()
+        for f in {self.files[0], self.files[len(self.files) // 2], self.files[-1]}:
+            info = sitk.ImageFileReader()
+            info.SetFileName(f)
+            info.ReadImageInformation()
+            series = info.GetMetaData("0020|000e").strip() if info.HasMetaDataKey("0020|000e") else ""
+            looks.add((series, info.GetSize()[:2]))
+        if len(looks) > 1:
+            self._error = "the files are not of one series"
+            return
+        ((_, (width, height)),) = looks
         if width * height * len(self.files) > self.max_voxels:
             self._error = "over the voxel limit"  # the checks raise VolumeTooLargeError themselves
             return
