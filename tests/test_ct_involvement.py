@@ -6,7 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ctcovid.ct.involvement import ct_severity_grade, involvement_percent, lung_hull, split_lungs
+from ctcovid.ct.involvement import (
+    ct_severity_grade,
+    involvement_percent,
+    lesions_beyond_lung,
+    lung_hull,
+    split_lungs,
+)
 from ctcovid.ct.montage import pick_montage_slices
 
 
@@ -89,6 +95,24 @@ def test_lung_hull_fills_a_notch_but_not_the_gap_between_lungs():
     assert np.array_equal(hull[:, :, 0], m[:, :, 0] > 0)  # rectangles are their own hulls
     empty = np.zeros_like(m)
     assert not lung_hull(empty).any()
+
+
+def test_lesion_straddling_the_lung_edge_is_kept_whole():
+    """A consolidation against the chest wall pushed the aerated lung (and its hull) back: a lesion mostly inside
+    the lung's outline counts whole; one mostly outside only where the hull reaches; one apart from it not."""
+    yy, xx = np.mgrid[:80, :80]
+    lung = (yy - 40) ** 2 + (xx - 40) ** 2 <= 25**2  # a round lung, x 15..65
+    straddling = (np.abs(yy - 40) <= 6) & (xx >= 50) & (xx <= 70)  # x 50..70: 16 of 21 columns inside
+    mostly_out = (np.abs(yy - 20) <= 2) & (xx >= 52) & (xx <= 75)  # reaches the lung at its edge only
+    apart = (np.abs(yy - 70) <= 2) & (xx >= 5) & (xx <= 10)
+    found = straddling | mostly_out | apart
+    added = lesions_beyond_lung(found, lung)
+    assert not (added & lung).any()  # only what lies beyond the mask
+    np.testing.assert_array_equal(added & straddling, straddling & ~lung)  # the straddling lesion, whole
+    hull_part = mostly_out & ~lung & lung_hull(lung[:, :, None])[:, :, 0]
+    np.testing.assert_array_equal(added & mostly_out, hull_part)  # its hull part only, not the rest
+    assert np.count_nonzero(hull_part) < np.count_nonzero(mostly_out & ~lung)
+    assert not (added & apart).any()
 
 
 def test_montage_picks_lesion_slices_and_keeps_context():

@@ -20,6 +20,7 @@ __all__ = [
     "GRADE_UPPER_BOUNDS",
     "ct_severity_grade",
     "involvement_percent",
+    "lesions_beyond_lung",
     "lung_hull",
     "overlap_voxels",
     "split_lungs",
@@ -73,6 +74,32 @@ def lung_hull(lung: np.ndarray, slices: Sequence[int] | None = None) -> np.ndarr
         if box is not None:
             out[box + (k,)] = convex_hull_object(plane[box], connectivity=2)
     return out
+
+
+#: A lesion (2D component) at least this much inside a lung's outline is kept whole where it reaches beyond it:
+#: consolidation against the chest wall pushes the aerated lung, and so its convex hull, back from the pleura.
+STRADDLING_LESION_INSIDE = 0.5
+
+
+def lesions_beyond_lung(found: np.ndarray, lung: np.ndarray) -> np.ndarray:
+    """``(X, Y)`` bool: the lesion pixels of one slice outside the lung mask that count as lung.
+
+    Those inside the convex hull of a lung outline (:func:`lung_hull`), and every pixel of a lesion (8-connected
+    component of ``found``) that lies at least :data:`STRADDLING_LESION_INSIDE` inside mask or hull.
+    """
+    from scipy import ndimage
+
+    outline = lung | lung_hull(lung[:, :, None])[:, :, 0]
+    beyond = found & ~lung
+    added = beyond & outline
+    labels, n = ndimage.label(found, structure=np.ones((3, 3), dtype=bool))
+    if n:
+        area = np.bincount(labels.ravel(), minlength=n + 1)
+        inside = np.bincount(labels.ravel(), weights=outline.ravel(), minlength=n + 1)
+        straddling = inside >= STRADDLING_LESION_INSIDE * np.maximum(area, 1)
+        straddling[0] = False
+        added |= beyond & straddling[labels]
+    return added
 
 
 def split_lungs(

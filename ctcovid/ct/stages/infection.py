@@ -14,7 +14,7 @@ from ctcovid.ct.context import slice_index
 from ctcovid.ct.involvement import (
     ct_severity_grade,
     involvement_percent,
-    lung_hull,
+    lesions_beyond_lung,
     overlap_voxels,
     split_lungs,
 )
@@ -96,7 +96,7 @@ class InfectionSegmentationStage(SliceSegmentationStage):
             notched |= (found[rows] & ~kept_lung[rows]).any(axis=(0, 1))
         n_added = 0
         for k in np.flatnonzero(notched):  # outlines are needed only where lesions reach beyond the lung mask
-            added = found[:, :, k] & ~kept_lung[:, :, k] & lung_hull(kept_lung[:, :, k : k + 1])[:, :, 0]
+            added = lesions_beyond_lung(found[:, :, k], kept_lung[:, :, k])
             n_added += int(np.count_nonzero(added))
             inside[:, :, k] |= added
             grown[:, :, k] |= added  # the lung mask grows by the consolidation (in place)
