@@ -15,12 +15,9 @@ stored type). ``load_ct`` does more: every header read and checked (series choic
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import platform
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -72,6 +69,8 @@ def main() -> None:
     args = parser.parse_args()
     logging.getLogger("pydicom").setLevel(logging.ERROR)
 
+    from common import save_result
+
     from ctcovid.io import load_ct
 
     results: dict[str, dict] = {}
@@ -100,23 +99,12 @@ def main() -> None:
         results[name] = entry
         print(name, entry)
 
-    out = {
-        "benchmark": "ctcovid.io.load_ct read time (median wall-clock and process-CPU seconds, warm file cache)",
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "loadavg_1min": os.getloadavg()[0],
-        },
-        "repeats": args.repeats,
-        "results": results,
-    }
-    dest = ROOT / "benchmarks" / "results" / "io_ct.json"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=dest.parent, suffix=".tmp", delete=False) as f:
-        json.dump(out, f, indent=2)
-    os.replace(f.name, dest)
-    print(f"wrote {dest}")
-
+    save_result(
+        "io_ct.json",
+        "ctcovid.io.load_ct read time (median wall-clock and process-CPU seconds, warm file cache)",
+        repeats=args.repeats,
+        results=results,
+    )
 
 if __name__ == "__main__":
     main()

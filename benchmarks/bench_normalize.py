@@ -15,11 +15,8 @@ the behaviour before the random-sample estimate). Writes ``benchmarks/results/ct
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -43,6 +40,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
+    from common import save_result
     from monai.data import MetaTensor
 
     from ctcovid.io import load_ct
@@ -68,20 +66,14 @@ def main() -> None:
         volume = display_167.repeat(1, 1, 1, reps)[..., :slices]
         for exact in (False, True):
             record(f"normal002_display_{slices}", volume, "display", exact)
-    out = {
-        "benchmark": "NormalizeCTIntensity seconds against the voxel count (median of repeats after a warm-up)",
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg_1min": os.getloadavg()[0],
-                    "torch_threads": torch.get_num_threads()},
-        "max_samples": RobustDisplayScaling.max_samples,
-        "repeats": args.repeats,
-        "results": rows,
-    }
-    dest = ROOT / "benchmarks" / "results" / "ct_normalize.json"
-    with tempfile.NamedTemporaryFile("w", dir=dest.parent, suffix=".tmp", delete=False) as f:
-        json.dump(out, f, indent=2)
-    os.replace(f.name, dest)
-    print(f"wrote {dest}")
-
+    save_result(
+        "ct_normalize.json",
+        "NormalizeCTIntensity seconds against the voxel count (median of repeats after a warm-up)",
+        torch_threads=torch.get_num_threads(),
+        max_samples=RobustDisplayScaling.max_samples,
+        repeats=args.repeats,
+        results=rows,
+    )
 
 if __name__ == "__main__":
     main()

@@ -30,6 +30,7 @@ import numpy as np
 
 __all__ = [
     "CT_BUNDLES",
+    "save_result",
     "PHANTOM",
     "Phantom",
     "lung_slice_indices",
@@ -420,3 +421,19 @@ def random_weight_pipeline(args: Any, names: Sequence[str] | None = None, **opti
         work = args.workdir or stack.enter_context(tempfile.TemporaryDirectory(prefix="ctcovid_bench_"))
         bundle_dir = random_weight_bundles(Path(work) / "bundles", names=names)
         return CTCovidPipeline(bundle_dir=bundle_dir, device=args.device, flush_denormal=True, **options)
+
+
+def save_result(file_name: str, benchmark: str, **fields: Any) -> Path:
+    """Write ``benchmarks/results/<file_name>`` (atomically): what was timed, the machine and its load, ``fields``."""
+    import platform
+
+    from ctcovid.io.atomic import write_json_atomic
+
+    record = {
+        "benchmark": benchmark,
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg_1min": os.getloadavg()[0]},
+        **fields,
+    }
+    dest = write_json_atomic(record, Path(__file__).resolve().parent / "results" / file_name)
+    print(f"wrote {dest}")
+    return dest
