@@ -51,7 +51,9 @@ def save_dicom_seg(result: CTResult, out: Path, written: dict[str, Path]) -> Non
                 shutil.rmtree(copy, ignore_errors=True)  # no copy without the SEG it was made for
                 raise
             written["dicom_series"] = copy
-            result.output_notes["dicom_seg"] = f"written against {copy.name}/, a copy of the series with UIDs assigned ({e})"
+            result.output_notes["dicom_seg"] = (
+                f"written against {copy.name}/, a copy of the series with UIDs assigned ({e})"
+            )
     except Exception as e:  # noqa: BLE001 -- recorded with its type; the scan's other outputs stand
         result.output_notes["dicom_seg"] = f"not written: {e if isinstance(e, CTInputError) else repr(e)}"
     finally:

@@ -21,7 +21,7 @@ from pydicom.uid import UID
 
 from ctcovid.io.ct_volume import c_order_xyz
 from ctcovid.io.dicom_headers import DicomHeader, header_float
-from ctcovid.io.dicom_prefetch import SeriesPrefetch
+from ctcovid.io.dicom_prefetch import SeriesPrefetch, float32_series_reader, gdcm_warnings_off
 from ctcovid.io.errors import CorruptFileError, UnsupportedTransferSyntaxError
 from ctcovid.io.pydicom_compat import decoder_status
 
@@ -157,16 +157,9 @@ def _decode_sitk(headers: Sequence[DicomHeader]) -> tuple[object, np.ndarray]:
     """(SimpleITK image, (Z, Y, X) view of its buffer): keep the image while the view is used."""
     import SimpleITK as sitk
 
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames([h.path for h in headers])  # our order, not GDCM's
-    reader.SetOutputPixelType(sitk.sitkFloat32)  # each file's slope/intercept applied before the cast
-    reader.MetaDataDictionaryArrayUpdateOff()
-    warn = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # GDCM's spacing warnings: our own checks cover them
-    try:
+    reader = float32_series_reader(sitk, [h.path for h in headers])  # our order, not GDCM's
+    with gdcm_warnings_off(sitk):
         image = reader.Execute()
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(warn)
     arr = sitk.GetArrayViewFromImage(image)
     expected = (len(headers), headers[0].rows, headers[0].columns)
     if arr.shape != expected:
@@ -194,12 +187,11 @@ def decode_series(
         UnsupportedTransferSyntaxError, CorruptFileError (truncated/corrupt pixel data, names the file).
     """
     backend = check_transfer_syntaxes(headers, backend)
-    zyx, image = None, None  # image: the SimpleITK image whose buffer zyx views
-    if prefetch is not None:
-        zyx = prefetch.take(headers) if backend == "sitk" else prefetch.cancel()
-    if zyx is not None:
-        pass
-    elif backend == "sitk":
+    if prefetch is not None and backend != "sitk":
+        prefetch.cancel()  # pydicom decodes: stop GDCM now
+    zyx = prefetch.take(headers) if prefetch is not None and backend == "sitk" else None
+    image = None  # the SimpleITK image whose buffer zyx views, when _decode_sitk decodes
+    if zyx is None and backend == "sitk":
         try:
             image, zyx = _decode_sitk(headers)
         except RuntimeError as e:
@@ -213,7 +205,7 @@ def decode_series(
                     f"pixel data cannot be decoded (SimpleITK: {str(e).strip()[:300]})",
                 ) from e
             zyx, backend = _decode_pydicom(headers), "pydicom"
-    else:
+    elif zyx is None:
         zyx = _decode_pydicom(headers)
     xyz = c_order_xyz(zyx.transpose(2, 1, 0))  # the one copy, made while the decoded buffer is alive
     del zyx, image

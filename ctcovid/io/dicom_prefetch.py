@@ -17,15 +17,37 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 
 from ctcovid.io.dicom_headers import DicomHeader
 
-__all__ = ["SeriesPrefetch"]
+__all__ = ["SeriesPrefetch", "float32_series_reader", "gdcm_warnings_off"]
 
 logger = logging.getLogger(__name__)
+
+
+def float32_series_reader(sitk, files: Sequence[str]):
+    """A SimpleITK ``ImageSeriesReader`` stacking ``files`` in the given order to float32 (each file's own
+    slope/intercept applied before the cast), without per-slice metadata dictionaries."""
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(list(files))
+    reader.SetOutputPixelType(sitk.sitkFloat32)
+    reader.MetaDataDictionaryArrayUpdateOff()
+    return reader
+
+
+@contextmanager
+def gdcm_warnings_off(sitk) -> Iterator[None]:
+    """GDCM's notes on odd files (spacing, private tags) are not printed: our own checks report what matters."""
+    warn = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(warn)
 
 
 class SeriesPrefetch:
@@ -51,13 +73,8 @@ class SeriesPrefetch:
         try:
             import SimpleITK as sitk
 
-            warn = sitk.ProcessObject.GetGlobalWarningDisplay()
-            # GDCM's notes on odd files are not printed: our checks report what matters
-            sitk.ProcessObject.SetGlobalWarningDisplay(False)
-            try:
+            with gdcm_warnings_off(sitk):
                 self._decode(sitk)
-            finally:
-                sitk.ProcessObject.SetGlobalWarningDisplay(warn)
         except Exception as e:  # anything: the caller then decodes the checked series itself
             self._error = f"{type(e).__name__}: {str(e).strip()[:200]}"
 
@@ -79,11 +96,7 @@ class SeriesPrefetch:
         if width * height * len(self.files) > self.max_voxels:
             self._error = "over the voxel limit"  # the checks raise VolumeTooLargeError themselves
             return
-        reader = sitk.ImageSeriesReader()
-        reader.SetFileNames(self.files)
-        # float32: each file's own slope/intercept applied, as ctcovid.io.dicom_decode._decode_sitk does
-        reader.SetOutputPixelType(sitk.sitkFloat32)
-        reader.MetaDataDictionaryArrayUpdateOff()
+        reader = float32_series_reader(sitk, self.files)  # as ctcovid.io.dicom_decode decodes a series
         with self._lock:
             if self._cancelled:
                 return
@@ -119,6 +132,7 @@ class SeriesPrefetch:
         order = [position.get(h.path) for h in headers]
         if None in order or stack.shape[1:] != (headers[0].rows, headers[0].columns):
             logger.debug("prefetched files do not hold the checked series; decoding it again")
+            self._image = None  # freed before the series is decoded again, not held beside it
             return None
         first, n = order[0], len(order)
         if order == list(range(first, first + n)):

@@ -26,13 +26,19 @@ __all__ = ["REFERENCED_UIDS", "copy_with_assigned_uids", "missing_uid"]
 REFERENCED_UIDS = ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "FrameOfReferenceUID")
 
 
-def missing_uid(ds) -> str | None:
-    """What keeps a SEG from referencing dataset ``ds`` (e.g. ``"no SOPInstanceUID"``), or ``None``."""
+def _uid_value(ds, keyword: str) -> tuple[str, bool]:
+    """(``ds``'s value of ``keyword`` as text, whether it is a valid UID)."""
     from pydicom.uid import UID
 
+    value = str(ds.get(keyword, "") or "")
+    return value, bool(value) and UID(value).is_valid
+
+
+def missing_uid(ds) -> str | None:
+    """What keeps a SEG from referencing dataset ``ds`` (e.g. ``"no SOPInstanceUID"``), or ``None``."""
     for keyword in REFERENCED_UIDS:
-        value = str(ds.get(keyword, "") or "")
-        if not value or not UID(value).is_valid:
+        value, valid = _uid_value(ds, keyword)
+        if not valid:
             return f"an invalid {keyword} {value!r}" if value else f"no {keyword}"
     return None
 
@@ -54,7 +60,6 @@ def copy_with_assigned_uids(files: Sequence[str | os.PathLike], folder: str | os
         The copies' paths, in the order of ``files``.
     """
     import pydicom
-    from pydicom.uid import UID
 
     dest = Path(folder)
     digests = [hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in files]
@@ -66,13 +71,13 @@ def copy_with_assigned_uids(files: Sequence[str | os.PathLike], folder: str | os
         for f, digest in zip(files, digests):
             ds = pydicom.dcmread(os.fspath(f))
             for keyword in ("SeriesInstanceUID", "StudyInstanceUID", "FrameOfReferenceUID"):
-                value = str(ds.get(keyword, "") or "")
-                if not value or not UID(value).is_valid:
+                value, valid = _uid_value(ds, keyword)
+                if not valid:
                     # one per series: the first file's (invalid) value and the series' content decide it
                     shared.setdefault(keyword, _uid(keyword, value, series_key))
                     setattr(ds, keyword, shared[keyword])
-            sop = str(ds.get("SOPInstanceUID", "") or "")
-            if not sop or not UID(sop).is_valid:
+            sop, valid = _uid_value(ds, "SOPInstanceUID")
+            if not valid:
                 ds.SOPInstanceUID = _uid("SOPInstanceUID", sop, digest)
             if getattr(ds, "file_meta", None) is not None:
                 ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID

@@ -110,7 +110,6 @@ def gradcam_with_logits(
             raw = cam(x, class_idx=class_index)
     finally:
         keep_logits.remove()
-    network.zero_grad(set_to_none=True)
     heat = raw.detach().float().cpu().numpy()[0, 0]
     lo, hi = float(heat.min()), float(heat.max())
     heat = (heat - lo) / (hi - lo) if hi > lo else np.zeros_like(heat)
