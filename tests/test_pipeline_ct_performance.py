@@ -77,6 +77,9 @@ def test_channels_last_and_batch_size_do_not_change_results(pipeline, test_bundl
     # both slice segmenters (lungs, lesions) are the same Attention U-Net: 22 batch norms each
     assert default.folded_batchnorms == {"segmentation": 22, "infection": 22}
     assert flipped.folded_batchnorms == {"segmentation": 0, "infection": 0}
+    # and their 4 instance norms (MONAI UpConv) run as group norms
+    assert default.swapped_instance_norms == {"segmentation": 4, "infection": 4}
+    assert flipped.swapped_instance_norms == {"segmentation": 0, "infection": 0}
     assert batchnorms(default) == batchnorms(flipped) - 22
     ref, res = pipeline(scan), flipped(scan)  # pipeline: batch 8 with the bundles' formats
     assert _dice(ref.lung_mask, res.lung_mask) > 0.9999

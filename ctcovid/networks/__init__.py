@@ -8,6 +8,7 @@ from .detection import DetectionMember
 from .detl import DETL_ARCHS, DETL_TARGET_CLASSES, DETLNet
 from .ensemble import DetectionEnsemble, ProbabilityEnsemble, SeverityEnsemble
 from .factory import create_network, list_networks, register_network
+from .instance_norm import instance_norms_as_group_norms
 from .lung_segmenter import LungSegmenter
 from .moex import MomentExchange
 from .resnet18 import CBAMResNet18Classifier, ResNet18Classifier, load_resnet18_checkpoint
@@ -21,6 +22,7 @@ __all__ = [
     "list_networks",
     "register_network",
     "fold_batchnorm",
+    "instance_norms_as_group_norms",
     "LungSliceFilter",
     "LungSegmenter",
     "DetectionMember",

@@ -1,9 +1,5 @@
-"""Chest X-ray transforms: CLAHE contrast enhancement and lung-only copies for regional learning.
+"""Chest X-ray transforms: lung-only copies for regional learning (CLAHE is in :mod:`.clahe`).
 
-- :class:`CLAHE` / :class:`CLAHEd` -- contrast-limited adaptive histogram equalisation (scikit-image
-  ``equalize_adapthist``; MONAI has no CLAHE), per channel, keeping the image's intensity range.
-- :class:`RandCLAHEd` -- CLAHE applied to a random fraction ``prob`` of the samples (Cascade-SEME: 40 % of
-  the training images).
 - :class:`LungRegion` / :class:`LungRegiond` -- the image with everything outside the lung mask set to the
   image minimum (the "lung region" input of regional learning).
 """
@@ -18,113 +14,10 @@ import torch
 from monai.config import KeysCollection
 from monai.config.type_definitions import NdarrayOrTensor
 from monai.data import MetaTensor
-from monai.transforms import MapTransform, RandomizableTransform, Transform
+from monai.transforms import MapTransform, Transform
 from monai.utils import convert_to_tensor
-from skimage.exposure import equalize_adapthist
 
-__all__ = ["CLAHE", "CLAHEd", "RandCLAHEd", "LungRegion", "LungRegiond", "SaveXRayMaskd"]
-
-
-class CLAHE(Transform):
-    """Contrast-limited adaptive histogram equalisation of a channel-first 2D image ``(C, H, W)``, or of each
-    axial slice of a volume ``(C, H, W, D)`` (the CT lesion model reads slices equalised this way).
-
-    Each channel is mapped to ``[0, 1]`` by its own min..max, equalised with scikit-image's
-    ``equalize_adapthist`` and mapped back to its original min..max, so the intensity range is kept
-    (a ``[0, 1]`` X-ray stays in ``[0, 1]``). A constant channel is returned unchanged.
-
-    Args:
-        clip_limit: contrast clip limit in ``(0, 1]`` (scikit-image default 0.01; higher = more contrast).
-        kernel_size: contextual region size in pixels (int or (h, w)); ``None`` = 1/8 of the image size.
-        nbins: histogram bins.
-
-    Returns a float32 tensor (MetaTensor in, MetaTensor out) of the input shape.
-    """
-
-    def __init__(
-        self, clip_limit: float = 0.01, kernel_size: int | Sequence[int] | None = None, nbins: int = 256
-    ) -> None:
-        if not 0.0 < clip_limit <= 1.0:
-            raise ValueError(f"clip_limit must be in (0, 1], got {clip_limit}")
-        self.clip_limit = clip_limit
-        self.kernel_size = kernel_size
-        self.nbins = nbins
-
-    def __call__(self, img: NdarrayOrTensor) -> torch.Tensor:
-        t = convert_to_tensor(img, track_meta=True)
-        if t.ndim not in (3, 4):
-            raise ValueError(
-                f"CLAHE expects a channel-first 2D image (C, H, W) or volume (C, H, W, D), got shape {tuple(t.shape)}"
-            )
-        arr = t.detach().cpu().numpy().astype(np.float64)
-        out = np.empty_like(arr)
-        planes = [(c,) for c in range(arr.shape[0])] if arr.ndim == 3 else [
-            (c, ..., k) for c in range(arr.shape[0]) for k in range(arr.shape[-1])
-        ]
-        for idx in planes:
-            ch = arr[idx]
-            lo, hi = float(ch.min()), float(ch.max())
-            if not hi > lo:
-                out[idx] = ch
-                continue
-            eq = equalize_adapthist((ch - lo) / (hi - lo), kernel_size=self.kernel_size,
-                                    clip_limit=self.clip_limit, nbins=self.nbins)
-            out[idx] = lo + np.clip(eq, 0.0, 1.0) * (hi - lo)
-        res = torch.as_tensor(out, dtype=torch.float32, device=t.device)
-        if isinstance(t, MetaTensor):
-            res = MetaTensor(res, meta=t.meta, applied_operations=t.applied_operations)
-        return res
-
-
-class CLAHEd(MapTransform):
-    """Dictionary twin of :class:`CLAHE` over ``keys``."""
-
-    def __init__(
-        self,
-        keys: KeysCollection,
-        clip_limit: float = 0.01,
-        kernel_size: int | Sequence[int] | None = None,
-        nbins: int = 256,
-        allow_missing_keys: bool = False,
-    ) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.clahe = CLAHE(clip_limit=clip_limit, kernel_size=kernel_size, nbins=nbins)
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = self.clahe(d[key])
-        return d
-
-
-class RandCLAHEd(RandomizableTransform, MapTransform):
-    """Apply :class:`CLAHE` to all ``keys`` of a sample with probability ``prob``.
-
-    Cascade-SEME enhances 40 % of the training images (``prob=0.4``). Seed with ``set_random_state`` (MONAI
-    ``Compose`` / datasets do this from their ``seed``) for a reproducible choice.
-    """
-
-    def __init__(
-        self,
-        keys: KeysCollection,
-        prob: float = 0.4,
-        clip_limit: float = 0.01,
-        kernel_size: int | Sequence[int] | None = None,
-        nbins: int = 256,
-        allow_missing_keys: bool = False,
-    ) -> None:
-        MapTransform.__init__(self, keys, allow_missing_keys)
-        RandomizableTransform.__init__(self, prob)
-        self.clahe = CLAHE(clip_limit=clip_limit, kernel_size=kernel_size, nbins=nbins)
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        self.randomize(None)
-        if not self._do_transform:
-            return d
-        for key in self.key_iterator(d):
-            d[key] = self.clahe(d[key])
-        return d
+__all__ = ["LungRegion", "LungRegiond", "SaveXRayMaskd"]
 
 
 class LungRegion(Transform):
