@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from skimage.exposure import equalize_adapthist
 
-from ctcovid.transforms import CLAHE
+from ctcovid.transforms import CLAHE, CLAHEd
 from ctcovid.transforms.clahe import equalize_adapthist_batch
 
 
@@ -123,3 +123,12 @@ def test_histogram_clipping_equals_scikit_image_on_many_histograms():
         expected = np.stack([clip_histogram(h.copy(), clip) for h in group])
         _clip_histograms(batch, clip)
         np.testing.assert_array_equal(batch, expected)
+
+
+def test_clahed_leaves_samples_flagged_as_equalised_alone():
+    rng = np.random.default_rng(2)
+    img = torch.as_tensor(_scene(rng, 64, 64)[None], dtype=torch.float32)
+    t = CLAHEd(keys="image", clip_limit=0.02, skip_key="equalised")
+    assert torch.equal(t({"image": img, "equalised": True})["image"], img)
+    for sample in ({"image": img, "equalised": False}, {"image": img}):
+        assert torch.equal(t(sample)["image"], CLAHE(clip_limit=0.02)(img))

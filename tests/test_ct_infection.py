@@ -72,9 +72,9 @@ def test_lesions_on_a_held_out_covid_scan(heldout_run, medseg_dir):
 
     ref, ref_lung = _reference(medseg_dir, "rp4")
     dice = 2.0 * (ref & (pred > 0)).sum() / (ref.sum() + pred.sum())
-    assert dice > 0.2, f"lesion Dice {dice:.3f} on held-out rp4"
+    assert dice > 0.3, f"lesion Dice {dice:.3f} on held-out rp4"
     rec = json.loads((heldout_run / "rp4.json").read_text())["infection"]
-    ref_pct = 100.0 * (ref & ref_lung).sum() / ref_lung.sum()  # 13.75 %: the model reads ~2.6 %
+    ref_pct = 100.0 * (ref & ref_lung).sum() / ref_lung.sum()  # 13.75 %: the model reads ~3.7 %
     assert 1.0 < rec["lung_involvement_percent"] < ref_pct, (rec["lung_involvement_percent"], ref_pct)
     assert rec["ct_severity_grade"] == "CT-1" and rec["ct_severity_source"] == "involvement"
     # the record describes these very masks
@@ -96,7 +96,7 @@ def test_lesions_and_involvement_on_a_second_held_out_scan(heldout_run, medseg_d
     pred = np.asarray(nib.load(heldout_run / "rp8_infection_mask.nii.gz").dataobj) > 0
     ref, ref_lung = _reference(medseg_dir, "rp8")
     dice = 2.0 * (ref & pred).sum() / (ref.sum() + pred.sum())
-    assert dice > 0.45, f"lesion Dice {dice:.3f} on held-out rp8"
+    assert dice > 0.5, f"lesion Dice {dice:.3f} on held-out rp8"
     rec = json.loads((heldout_run / "rp8.json").read_text())["infection"]
     ref_pct = 100.0 * (ref & ref_lung).sum() / ref_lung.sum()  # 1.47 %
     assert abs(rec["lung_involvement_percent"] - ref_pct) < 3.0, (rec["lung_involvement_percent"], ref_pct)
@@ -191,6 +191,31 @@ def test_committed_datalist_is_rebuilt_exactly_and_keeps_test_patients_out(share
     assert {it["case"] for it in built["validation"]} == {"ma2020/ma0970", "ma2020/ma1376"}
     train_ma = {it["image"] for it in built["training"] if it["source"] == "ma2020"}
     assert train_ma.isdisjoint(it["image"] for it in built["validation"])
+    # the Ma et al. PNGs are CLAHE images already: flagged so training does not equalise them twice
+    assert all(it.get("equalised", False) == (it["source"] == "ma2020") for it in used)
+
+
+def test_training_equalises_each_image_once(shared_data):
+    """The train and validation preprocessing of train.json run CLAHE on CT slices and leave the slices
+    flagged ``equalised`` (the Ma et al. CLAHE PNGs) as they are; the flag reaches every sample."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    from ctcovid.training import lung_slice_items
+    from ctcovid.transforms import CLAHE
+
+    conf = ConfigParser()
+    conf.read_config(str(bundles_root() / INFECTION_BUNDLE / "configs" / "train.json"))
+    datalist = json.loads((bundles_root() / INFECTION_BUNDLE / "configs" / "datalist.json").read_text())
+    ma = next(it for it in datalist["validation"] if it["source"] == "ma2020")
+    items = lung_slice_items([{**ma, **{k: str(shared_data / ma[k]) for k in ("image", "label")}}])
+    assert len(items) == 1 and items[0]["equalised"] is True
+    ct = {**items[0], "equalised": False}
+    validate = conf.get_parsed_content("validate#preprocessing")
+    assert torch.equal(validate(dict(items[0]))["image"], items[0]["image"])
+    assert torch.equal(validate(dict(ct))["image"], CLAHE(clip_limit=conf["clahe_clip_limit"])(ct["image"]))
+    last = conf.get_parsed_content("train#augmentation")[-2]  # CLAHE, after the intensity augmentation
+    assert type(last).__name__ == "CLAHEd" and last.skip_key == "equalised"
 
 
 def test_full_disk_while_writing_fails_the_scan_and_leaves_no_partial_outputs(tmp_path, monkeypatch, medseg_dir):

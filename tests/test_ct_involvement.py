@@ -11,6 +11,7 @@ from ctcovid.ct.involvement import (
     involvement_percent,
     lesions_beyond_lung,
     lung_hull,
+    per_lung_voxels,
     split_lungs,
 )
 from ctcovid.ct.montage import pick_montage_slices
@@ -75,6 +76,24 @@ def test_split_lungs_follows_a_rotated_axis():
     a[0, 1], a[1, 0], a[2, 2], a[3, 3] = 0.7, 0.7, 5.0, 1.0  # voxel y -> world x (to the right)
     right, left = split_lungs(m, a)
     assert right.sum() == int(m[:, 30:].sum()) and left.sum() == int(m[:, :30].sum())
+
+
+@pytest.mark.parametrize("touching", [False, True])
+def test_per_lung_counts_are_the_split_masks_counts(touching):
+    """per_lung_voxels (the pipeline's per-lung numbers, counted inside the box) equals counting
+    split_lungs' whole-volume masks, including infection outside the lungs (not counted) and an empty mask."""
+    m = _two_lungs(touching=touching)
+    rng = np.random.default_rng(5)
+    inf = rng.random(m.shape) < 0.2  # lesions everywhere, also outside the lungs
+    a = np.diag([-0.7, 0.7, 5.0, 1.0])
+    right, left = split_lungs(m, a)
+    expected = {
+        "right": (int(right.sum()), int((right & inf).sum())),
+        "left": (int(left.sum()), int((left & inf).sum())),
+    }
+    assert per_lung_voxels(m, inf.astype(np.uint8), a) == expected
+    assert expected["right"][1] > 0 and expected["left"][1] > 0
+    assert per_lung_voxels(np.zeros_like(m), inf, a) == {"right": (0, 0), "left": (0, 0)}
 
 
 def test_small_components_go_to_the_side_they_lie_on():

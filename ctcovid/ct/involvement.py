@@ -23,6 +23,7 @@ __all__ = [
     "lesions_beyond_lung",
     "lung_hull",
     "overlap_voxels",
+    "per_lung_voxels",
     "split_lungs",
 ]
 
@@ -64,15 +65,21 @@ def lung_hull(lung: np.ndarray, slices: Sequence[int] | None = None) -> np.ndarr
     taken per 2D object (never across the mediastinum between the lungs). ``slices``: only these (default:
     the slices with lung).
     """
-    from skimage.morphology import convex_hull_object
+    from scipy import ndimage
+    from skimage.morphology import convex_hull_image
 
     out = np.zeros(lung.shape, dtype=bool)
     ks = np.flatnonzero(lung.any(axis=(0, 1))) if slices is None else slices
+    eight = np.ones((3, 3), dtype=bool)
     for k in ks:
         plane = lung[:, :, k] > 0
-        box = bounding_box(plane, margin=1)  # the hull lies within the outline's box: 5-10x less work
-        if box is not None:
-            out[box + (k,)] = convex_hull_object(plane[box], connectivity=2)
+        labels, _ = ndimage.label(plane, structure=eight)  # objects as skimage's convex_hull_object finds them
+        for i, (rows, cols) in enumerate(ndimage.find_objects(labels), start=1):
+            # each object's hull within the object's own box (plus one pixel): the hull cannot leave it, and
+            # the point-in-polygon test is over a fraction of the slice (the same pixels, 2x less work)
+            r0, c0 = max(rows.start - 1, 0), max(cols.start - 1, 0)
+            r1, c1 = min(rows.stop + 1, plane.shape[0]), min(cols.stop + 1, plane.shape[1])
+            out[r0:r1, c0:c1, k] |= convex_hull_image(labels[r0:r1, c0:c1] == i)
     return out
 
 
@@ -102,23 +109,14 @@ def lesions_beyond_lung(found: np.ndarray, lung: np.ndarray) -> np.ndarray:
     return added
 
 
-def split_lungs(
-    lung: np.ndarray, affine: np.ndarray | None, min_share: float = 0.15
-) -> tuple[np.ndarray, np.ndarray]:
-    """``(right, left)`` bool masks of a ``(X, Y, Z)`` lung mask.
-
-    Args:
-        lung: the lung mask.
-        affine: ``(4, 4)`` voxel -> RAS mm (``None``: the identity, i.e. voxel x grows to the patient's right).
-        min_share: the two largest 3D components are the two lungs when each holds at least this share of
-            the mask; otherwise the lungs touch and the mask is cut at the middle of its left-right extent.
-    """
+def _right_in_box(lung: np.ndarray, affine: np.ndarray | None, min_share: float):
+    """``(box, sub, right_sub)``: the lung mask's bounding box, the bool mask inside it and which of its
+    voxels are the right lung; ``None`` for an empty mask (see :func:`split_lungs`)."""
     lung = as_bool_mask(lung)
     a = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
-    right, left = np.zeros_like(lung), np.zeros_like(lung)
     box = bounding_box(lung)
     if box is None:
-        return right, left
+        return None
     # work inside the lungs' box (labelling a 512x512x300 volume costs seconds), in slabs along x: a dense
     # world-x volume and scipy's float64 per-label means cost 2.6 GB on a 1000-slice scan (issue 15)
     sub = lung[box]
@@ -154,7 +152,41 @@ def split_lungs(
     else:  # the lungs touch: cut at the middle of the mask's left-right extent
         for slab in slabs:
             right_sub[slab] = sub[slab] & (world_x(slab) >= (lo + hi) / 2.0)
-    right[box] = right_sub
-    left[box] = sub & ~right_sub
+    return box, sub, right_sub
+
+
+def split_lungs(
+    lung: np.ndarray, affine: np.ndarray | None, min_share: float = 0.15
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(right, left)`` bool masks of a ``(X, Y, Z)`` lung mask.
+
+    Args:
+        lung: the lung mask.
+        affine: ``(4, 4)`` voxel -> RAS mm (``None``: the identity, i.e. voxel x grows to the patient's right).
+        min_share: the two largest 3D components are the two lungs when each holds at least this share of
+            the mask; otherwise the lungs touch and the mask is cut at the middle of its left-right extent.
+    """
+    lung = as_bool_mask(lung)
+    right, left = np.zeros_like(lung), np.zeros_like(lung)
+    found = _right_in_box(lung, affine, min_share)
+    if found is not None:
+        box, sub, right_sub = found
+        right[box] = right_sub
+        left[box] = sub & ~right_sub
     return right, left
 
+
+def per_lung_voxels(
+    lung: np.ndarray, infection: np.ndarray, affine: np.ndarray | None, min_share: float = 0.15
+) -> dict[str, tuple[int, int]]:
+    """``{"right": (lung voxels, infection ∩ lung voxels), "left": (...)}``: the counts of :func:`split_lungs`'
+    two masks, computed inside the lungs' box without building them (two whole-volume masks cost 90 MB
+    of fresh pages per 167-slice scan, most of the involvement step's time)."""
+    found = _right_in_box(lung, affine, min_share)
+    if found is None:
+        return {"right": (0, 0), "left": (0, 0)}
+    box, sub, right_sub = found
+    inf = as_bool_mask(infection)[box]
+    n_right, n_lung = int(np.count_nonzero(right_sub)), int(np.count_nonzero(sub))
+    inf_right = overlap_voxels(inf, right_sub)
+    return {"right": (n_right, inf_right), "left": (n_lung - n_right, overlap_voxels(inf, sub) - inf_right)}

@@ -9,7 +9,7 @@ Split (whole volumes / estimated patients, never slices of one volume on both si
   lung). The ma2020 slices of the same patients (copies found by :mod:`ctcovid.training.ma2020`, and the
   rest of their estimated patient group) are excluded from training and validation.
 - **training**: MedSeg ``rp2`` and ``rp6`` (every slice: infected, lesion-free lung and non-lung slices),
-  the remaining ma2020 slices (all infected, 8-bit CLAHE), and HU negatives: every slice of
+  the remaining ma2020 slices (all infected, 8-bit CLAHE: flagged ``equalised``), and HU negatives: every slice of
   TotalSegmentator's ``example_ct`` (abdomen, pelvis and lung bases, no lesion) with an empty mask, the only
   HU chest/abdomen slices with a known "no infection" answer besides the held-out ``normal002``.
 - **validation** (model selection only): two estimated ma2020 patient groups (:data:`DEFAULT_VAL_GROUPS`).
@@ -48,6 +48,13 @@ def _medseg_item(case: str) -> dict:
     )
 
 
+def _equalised_ma_item(name: str, group: str) -> dict:
+    """An ma2020 slice with its infection mask, flagged ``equalised``: the PNGs are CLAHE images already, so
+    the training and validation CLAHE (``CLAHEd(skip_key="equalised")``) leaves them as they are -- the
+    network then reads every image equalised once, as at inference."""
+    return {**ma_item(name, group, "infection"), "equalised": True}
+
+
 def build_infection_datalist(data_root, val_groups: Sequence[str] = DEFAULT_VAL_GROUPS) -> dict:
     """The infection datalist as a JSON-ready dict (paths relative to ``data_root``)."""
     records = grouped_ma2020(data_root, val_groups)
@@ -58,9 +65,9 @@ def build_infection_datalist(data_root, val_groups: Sequence[str] = DEFAULT_VAL_
             why = f"copy of {r.medseg_case} slice {r.medseg_slice}" if r.medseg_case else "same estimated patient"
             excluded.append({"image": f"{_MA}/ct/{r.name}", "group": r.group, "reason": f"test volume(s) {sorted(held_out)}: {why}"})
         elif r.group in val_groups:
-            val.append(ma_item(r.name, r.group, "infection"))
+            val.append(_equalised_ma_item(r.name, r.group))
         else:
-            train.append(ma_item(r.name, r.group, "infection"))
+            train.append(_equalised_ma_item(r.name, r.group))
     negatives = {
         "image": f"{_TS}/example_ct.nii.gz",
         "slice_label": 0,

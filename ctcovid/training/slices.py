@@ -165,6 +165,7 @@ def lung_slice_items(
             frac, y = None, None
         for i, k in enumerate(ks):
             s = {"image": x[i].clone(), "case": str(item.get("case", item["image"])), "slice": int(k)}
+            s["equalised"] = bool(item.get("equalised", False))  # a CLAHE image already (every sample: collation)
             if frac is not None:
                 s["lung_fraction"] = float(frac[i])
                 s["lung"] = int(float(frac[i]) >= min_area and float(frac[i]) > 0)

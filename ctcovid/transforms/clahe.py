@@ -221,7 +221,13 @@ class CLAHE(Transform):
 
 
 class CLAHEd(MapTransform):
-    """Dictionary twin of :class:`CLAHE` over ``keys``."""
+    """Dictionary twin of :class:`CLAHE` over ``keys``.
+
+    Args:
+        skip_key: a sample whose value under this key is true is returned unchanged (its images are CLAHE
+            images already, e.g. the Ma et al. slices, flagged ``equalised`` in the infection datalist:
+            equalising them twice gives the network a contrast it never sees at inference).
+    """
 
     def __init__(
         self,
@@ -230,12 +236,16 @@ class CLAHEd(MapTransform):
         kernel_size: int | Sequence[int] | None = None,
         nbins: int = 256,
         allow_missing_keys: bool = False,
+        skip_key: Hashable | None = None,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.clahe = CLAHE(clip_limit=clip_limit, kernel_size=kernel_size, nbins=nbins)
+        self.skip_key = skip_key
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
+        if self.skip_key is not None and bool(d.get(self.skip_key, False)):
+            return d
         for key in self.key_iterator(d):
             d[key] = self.clahe(d[key])
         return d

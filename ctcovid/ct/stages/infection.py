@@ -15,8 +15,7 @@ from ctcovid.ct.involvement import (
     ct_severity_grade,
     involvement_percent,
     lesions_beyond_lung,
-    overlap_voxels,
-    split_lungs,
+    per_lung_voxels,
 )
 from ctcovid.ct.mask_cleanup import as_bool_mask, clean_mask, row_blocks
 
@@ -26,7 +25,7 @@ __all__ = ["InfectionSegmentationStage"]
 
 #: Default involvement (percent of the lung) below which no lesion is counted (CT-0), when the bundle's
 #: ``min_involvement_percent`` does not say: the shipped model's false-positive floor on lesion-free lung
-#: measured 0.10-0.19 % (bundle docs), so smaller findings are not called lesions.
+#: measured 0.06-0.33 % (bundle docs), so smaller findings are not called lesions.
 MIN_INVOLVEMENT_PERCENT = 0.5
 
 
@@ -115,14 +114,14 @@ class InfectionSegmentationStage(SliceSegmentationStage):
         res.infection_mask = infection
         res.lung_involvement_percent = involvement_percent(infection, res.lung_mask)
         lesion_found = (res.lung_involvement_percent or 0.0) >= self.min_involvement and res.infection_voxels > 0
-        right, left = split_lungs(res.lung_mask, res.affine)
+        sides = per_lung_voxels(res.lung_mask, infection, res.affine)
         res.lungs = {
             side: {
-                "volume_ml": None if voxel_ml is None else int(np.count_nonzero(m)) * voxel_ml,
-                "infection_volume_ml": None if voxel_ml is None else overlap_voxels(infection, m) * voxel_ml,
-                "involvement_percent": involvement_percent(infection, m),
+                "volume_ml": None if voxel_ml is None else n_lung * voxel_ml,
+                "infection_volume_ml": None if voxel_ml is None else n_inf * voxel_ml,
+                "involvement_percent": 100.0 * n_inf / n_lung if n_lung else None,
             }
-            for side, m in (("right", right), ("left", left))
+            for side, (n_lung, n_inf) in sides.items()
         }
         res.lesion_found = bool(lesion_found)
         res.ct_severity_grade = ct_severity_grade(res.lung_involvement_percent, lesion_found)
