@@ -24,6 +24,7 @@ __all__ = [
     "lung_hull",
     "overlap_voxels",
     "per_lung_voxels",
+    "percent_of",
     "split_lungs",
 ]
 
@@ -46,9 +47,12 @@ def ct_severity_grade(percent: float | None, lesion_found: bool) -> str | None:
 def involvement_percent(infection: np.ndarray, lung: np.ndarray) -> float | None:
     """``|infection ∩ lung| / |lung| × 100``; ``None`` for an empty lung."""
     n = int(np.count_nonzero(lung))
-    if n == 0:
-        return None
-    return 100.0 * overlap_voxels(infection, lung) / n
+    return percent_of(overlap_voxels(infection, lung) if n else 0, n)
+
+
+def percent_of(infected_voxels: int, lung_voxels: int) -> float | None:
+    """``infected_voxels / lung_voxels × 100`` from counts; ``None`` for an empty lung."""
+    return 100.0 * infected_voxels / lung_voxels if lung_voxels else None
 
 
 def overlap_voxels(a: np.ndarray, b: np.ndarray) -> int:

@@ -13,9 +13,9 @@ import numpy as np
 from ctcovid.ct.context import slice_index
 from ctcovid.ct.involvement import (
     ct_severity_grade,
-    involvement_percent,
     lesions_beyond_lung,
     per_lung_voxels,
+    percent_of,
 )
 from ctcovid.ct.mask_cleanup import as_bool_mask, clean_mask, row_blocks
 
@@ -105,21 +105,23 @@ class InfectionSegmentationStage(SliceSegmentationStage):
         del inside, grown
         res.lung_mask = lung
         voxel_ml = res.voxel_ml
-        res.lung_voxels = int(np.count_nonzero(res.lung_mask))
+        # per-lung counts first: the whole-lung counts are their sums (no second pass over the volume)
+        sides = per_lung_voxels(res.lung_mask, infection, res.affine)
+        res.lung_voxels = sum(n_lung for n_lung, _ in sides.values())
+        infection_in_lung = sum(n_inf for _, n_inf in sides.values())
         res.infection_voxels = int(np.count_nonzero(infection))
         res.lung_mask_added_voxels = n_added
         if voxel_ml is not None:
             res.lung_volume_ml = res.lung_voxels * voxel_ml
             res.infection_volume_ml = res.infection_voxels * voxel_ml
         res.infection_mask = infection
-        res.lung_involvement_percent = involvement_percent(infection, res.lung_mask)
+        res.lung_involvement_percent = percent_of(infection_in_lung, res.lung_voxels)
         lesion_found = (res.lung_involvement_percent or 0.0) >= self.min_involvement and res.infection_voxels > 0
-        sides = per_lung_voxels(res.lung_mask, infection, res.affine)
         res.lungs = {
             side: {
                 "volume_ml": None if voxel_ml is None else n_lung * voxel_ml,
                 "infection_volume_ml": None if voxel_ml is None else n_inf * voxel_ml,
-                "involvement_percent": 100.0 * n_inf / n_lung if n_lung else None,
+                "involvement_percent": percent_of(n_inf, n_lung),
             }
             for side, (n_lung, n_inf) in sides.items()
         }
