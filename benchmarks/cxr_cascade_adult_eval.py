@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     from sklearn.metrics import roc_auc_score, roc_curve
 
     from ctcovid.cxr.cascade import CXRCascade
+    from ctcovid.metrics import auc_ci_by_patient
     from ctcovid.metrics import proportion_ci as wilson
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -108,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         "covid19_routed_by_stage1": routing,
         "covid19_passed_threshold": sum(r["passed"] for r in pos),
         "auc_covid_score": round(float(roc_auc_score(y, s)), 4) if len(set(y)) == 2 else None,
+        "auc_covid_score_ci95_patient_bootstrap": auc_ci_by_patient(y, s, [r["patient"] for r in rows]),
         "best_sensitivity_at_specificity_0.70": reachable,
         "seconds_per_radiograph_with_gradcam": {
             "median": round(statistics.median(times[1:]), 4), "max": round(max(times[1:]), 4), "n": len(times) - 1,
