@@ -357,19 +357,15 @@ def random_weight_bundles(
 def median_call_seconds(fn: Callable[[], Any], seconds: float, device: Any = None) -> float:
     """Median wall seconds of ``fn()`` over about ``seconds`` (at least 3 calls) after one warm-up call
     (kernel selection); CUDA is synchronised around each call when ``device`` is a CUDA device."""
-    import torch
-
-    def sync() -> None:
-        if device is not None and torch.device(device).type == "cuda":
-            torch.cuda.synchronize(device)
+    from ctcovid.profiling import sync_device
 
     fn()
     times, end = [], time.perf_counter() + seconds
     while time.perf_counter() < end or len(times) < 3:
-        sync()
+        sync_device(device)
         t = time.perf_counter()
         fn()
-        sync()
+        sync_device(device)
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 

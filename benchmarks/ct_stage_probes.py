@@ -13,21 +13,16 @@ from pathlib import Path
 from typing import Any
 
 
-def sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_it(fn, device, repeats: int = 1) -> float:
     """Median wall seconds of ``repeats`` calls of ``fn`` (device synchronised)."""
+    from ctcovid.profiling import sync_device
+
     times = []
     for _ in range(repeats):
-        sync(device)
+        sync_device(device)
         t = time.perf_counter()
         fn()
-        sync(device)
+        sync_device(device)
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 
@@ -134,6 +129,7 @@ def batch_sweep(
     import torch
 
     from ctcovid.ct import CTCovidPipeline
+    from ctcovid.profiling import sync_device
 
     out: dict[str, Any] = {}
     for precision in precisions:
@@ -154,7 +150,7 @@ def batch_sweep(
                     n, t = 0, time.perf_counter()
                     while True:
                         model.network(x)
-                        sync(p.device)
+                        sync_device(p.device)
                         n += bs
                         if time.perf_counter() - t > seconds:
                             break

@@ -22,10 +22,16 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["PeakMemory", "count_flops", "describe_machine", "matmul_throughput", "rss_bytes"]
+__all__ = ["PeakMemory", "count_flops", "describe_machine", "matmul_throughput", "rss_bytes", "sync_device"]
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def sync_device(device: torch.device | str | None) -> None:
+    """Wait for the work queued on a CUDA ``device`` (a no-op on CPU or ``None``), so wall-clock times are true."""
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _status_kib(field: str) -> int | None:
@@ -141,19 +147,15 @@ def matmul_throughput(
     a = torch.randn(n, n, generator=gen).to(dev, dtype)
     b = torch.randn(n, n, generator=gen).to(dev, dtype)
 
-    def sync() -> None:
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-
     with torch.inference_mode():
         a @ b
-        sync()
+        sync_device(dev)
         best = float("inf")
         end = time.perf_counter() + seconds
         while True:
             t = time.perf_counter()
             a @ b
-            sync()
+            sync_device(dev)
             best = min(best, time.perf_counter() - t)
             if time.perf_counter() > end:
                 break
