@@ -357,17 +357,22 @@ def random_weight_bundles(
 def median_call_seconds(fn: Callable[[], Any], seconds: float, device: Any = None) -> float:
     """Median wall seconds of ``fn()`` over about ``seconds`` (at least 3 calls) after one warm-up call
     (kernel selection); CUDA is synchronised around each call when ``device`` is a CUDA device."""
-    from ctcovid.profiling import sync_device
-
     fn()
     times, end = [], time.perf_counter() + seconds
     while time.perf_counter() < end or len(times) < 3:
-        sync_device(device)
-        t = time.perf_counter()
-        fn()
-        sync_device(device)
-        times.append(time.perf_counter() - t)
+        times.append(timed_call(fn, device))
     return statistics.median(times)
+
+
+def timed_call(fn: Callable[[], Any], device: Any = None) -> float:
+    """Wall seconds of one call of ``fn()``, CUDA synchronised before and after when ``device`` is CUDA."""
+    from ctcovid.profiling import sync_device
+
+    sync_device(device)
+    t = time.perf_counter()
+    fn()
+    sync_device(device)
+    return time.perf_counter() - t
 
 
 def network_bench_args(doc: str, default_out: Path) -> Any:

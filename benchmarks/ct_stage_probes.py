@@ -15,16 +15,9 @@ from typing import Any
 
 def time_it(fn, device, repeats: int = 1) -> float:
     """Median wall seconds of ``repeats`` calls of ``fn`` (device synchronised)."""
-    from ctcovid.profiling import sync_device
+    from common import timed_call
 
-    times = []
-    for _ in range(repeats):
-        sync_device(device)
-        t = time.perf_counter()
-        fn()
-        sync_device(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return statistics.median(timed_call(fn, device) for _ in range(repeats))
 
 
 def stage_inputs(pipeline, volume, res) -> dict[str, Any]:
