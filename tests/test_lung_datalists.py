@@ -32,3 +32,19 @@ def test_committed_lung_datalists_are_rebuilt_exactly_from_the_shared_data(share
     assert {e["group"].split("+")[0] for e in seg["excluded"]} <= set(TEST_CASES)
     assert {it["case"] for it in seg["validation"]} == {f"ma2020/{g}" for g in DEFAULT_VAL_GROUPS}
     assert {it["case"] for it in seg["training"]}.isdisjoint(it["case"] for it in seg["validation"])
+
+
+def test_load_lung_datalist_repeats_items_of_the_named_sources_after_the_limit(tmp_path):
+    from ctcovid.training import load_lung_datalist
+
+    items = [{"image": f"ma/{i}.png", "source": "ma2020"} for i in range(3)]
+    items += [{"image": "medseg/rp2.nii.gz", "source": "medseg"}, {"image": "ts/ct.nii.gz", "source": "ts"}]
+    path = tmp_path / "datalist.json"
+    path.write_text(json.dumps({"training": items}))
+
+    plain = load_lung_datalist(path, "training", tmp_path)
+    assert [it["image"] for it in plain] == [str(tmp_path / it["image"]) for it in items]
+    out = load_lung_datalist(path, "training", tmp_path, limit=2, repeats={"medseg": 3, "ts": 2, "other": 5})
+    names = [it["image"].removeprefix(str(tmp_path) + "/") for it in out]
+    assert names == ["ma/0.png", "ma/1.png"] + ["medseg/rp2.nii.gz"] * 3 + ["ts/ct.nii.gz"] * 2
+    assert out[2] is not out[3]  # independent copies: a later edit of one sample does not change another

@@ -66,6 +66,7 @@ def load_lung_datalist(
     data_root: str | os.PathLike | None = None,
     limit: int | None = None,
     labelled_only: bool = False,
+    repeats: Mapping[str, int] | None = None,
 ) -> list[dict]:
     """Items under ``key`` of a lung datalist JSON, paths resolved against ``data_root``.
 
@@ -76,6 +77,9 @@ def load_lung_datalist(
         limit: keep only the first ``limit`` items of each source (``medseg``, ``ma2020`` ...), for short
             test runs; ``None`` keeps all.
         labelled_only: drop items without a ``label`` (reference mask).
+        repeats: ``{source: n}``: each item of that source listed ``n`` times (oversampling: the few whole
+            CT volumes, with their lesion-free slices, against a thousand lesion-only 2D slices); the limit
+            applies first.
     """
     with open(datalist_file, encoding="utf-8") as f:
         items = json.load(f)[key]
@@ -90,6 +94,8 @@ def load_lung_datalist(
                 kept.append(it)
                 seen[src] = seen.get(src, 0) + 1
         items = kept
+    if repeats:
+        items = [it for it in items for _ in range(max(1, int(repeats.get(it.get("source", ""), 1))))]
     return resolve_datalist(items, data_root or default_data_root())
 
 
