@@ -11,9 +11,9 @@ directly. This uses only the copies of the *training* volumes (``rp2``, ``rp6``)
 the lesion masks: a clip limit chosen here does not look at held-out data.
 
 Per clip limit: mean absolute difference to the PNG (whole slice and inside the reference lung mask), Pearson
-correlation, and the mean difference inside the lung (bias). The input is built as the pipeline does it:
-whole-volume 0.5 / 99.5 percentile scaling (display values), bilinear resize to 256 x 256, then
-:class:`ctcovid.transforms.CLAHE`. Writes the JSON atomically.
+correlation, and the mean difference inside the lung (bias). The input is built as the lesion model's training and
+the pipeline build it (:func:`ctcovid.training.lung_slice_items`: whole-volume 0.5 / 99.5 percentile scaling of
+display values, bilinear resize to 256 x 256), then :class:`ctcovid.transforms.CLAHE`. Writes the JSON atomically.
 """
 
 from __future__ import annotations
@@ -26,8 +26,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIP_LIMITS = (None, 0.01, 0.02, 0.025, 0.03, 0.035, 0.04, 0.05, 0.07)
@@ -42,16 +40,11 @@ def _ma_png_on_medseg_grid(path: Path) -> np.ndarray:
     return np.flipud(png).T.copy()
 
 
-def _resize(x: np.ndarray, size: int = 256) -> np.ndarray:
-    t = torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32)[None, None]
-    return F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)[0, 0].numpy()
-
-
 def main() -> None:
-    from ctcovid.io import load_ct
     from ctcovid.io.atomic import write_json_atomic
     from ctcovid.training.data_root import default_data_root
-    from ctcovid.transforms import CLAHE, NormalizeCTIntensity
+    from ctcovid.training.slices import lung_slice_items
+    from ctcovid.transforms import CLAHE
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ct_infection_clahe_match.json"))
@@ -64,19 +57,20 @@ def main() -> None:
     with open(copies_csv, newline="", encoding="utf-8") as f:
         copies = [r for r in csv.DictReader(f) if r["volume"] in TRAINING_VOLUMES]
 
-    norm = NormalizeCTIntensity()
+    equalisers = {clip: CLAHE(clip_limit=clip) for clip in CLIP_LIMITS if clip is not None}
     scores: dict[str, list[tuple[float, float, float, float]]] = {str(c): [] for c in CLIP_LIMITS}
     for volume in TRAINING_VOLUMES:
-        image = norm(load_ct(data / "medseg" / "images" / f"{volume}.nii.gz"))[0]
-        image = np.asarray(image, dtype=np.float32)  # (X, Y, Z) in [0, 1]
-        lung = np.asarray(load_ct(data / "medseg" / "lung_masks" / f"{volume}.nii.gz"))[0] > 0
+        # the lesion model's own slice preparation (normalised, resized; label = the resized lung mask)
+        item = {"image": data / "medseg" / "images" / f"{volume}.nii.gz"}
+        item["label"] = data / "medseg" / "lung_masks" / f"{volume}.nii.gz"
+        by_slice = {s["slice"]: s for s in lung_slice_items([item])}
         for row in (r for r in copies if r["volume"] == volume):
-            k = int(row["slice_index"])
+            sample = by_slice[int(row["slice_index"])]
             ma = _ma_png_on_medseg_grid(data / "ma2020_slices" / "ct" / row["ma_file"])
-            x = _resize(image[:, :, k])
-            in_lung = _resize(lung[:, :, k].astype(np.float32)) > 0.5
+            x = sample["image"]  # (1, 256, 256) in [0, 1]
+            in_lung = sample["label"][0].numpy() > 0.5
             for clip in CLIP_LIMITS:
-                y = x if clip is None else CLAHE(clip_limit=clip)(torch.as_tensor(x)[None])[0].numpy()
+                y = (x if clip is None else equalisers[clip](x))[0].numpy()
                 diff = np.abs(y - ma)
                 corr = float(np.corrcoef(y.ravel(), ma.ravel())[0, 1])
                 bias = float(y[in_lung].mean() - ma[in_lung].mean())
