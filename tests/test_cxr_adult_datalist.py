@@ -9,10 +9,12 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import data_path
 from monai.bundle import ConfigWorkflow
+from PIL import Image
 
 from ctcovid.bundle import bundles_root
 from ctcovid.bundle.loading import read_state_dict
@@ -135,3 +137,60 @@ def test_fine_tune_config_starts_from_the_shipped_weights(tmp_path):
     assert (tmp_path / "ckpt" / "model.pt").is_file()
     trained = read_state_dict(tmp_path / "ckpt" / "model.pt")
     assert not all(torch.equal(trained[k], shipped[k]) for k in shipped if shipped[k].is_floating_point())
+
+
+def test_adult_lung_masks_cli_writes_masks_where_adult_training_reads_them(tmp_path, capsys):
+    """``ctcovid cxr lung-masks --stage adult`` segments children and adult films of the adult datalist with the
+    shipped X-ray lung segmenter, and ``load_adult_training(lung_masks=True)`` finds each mask (regional learning
+    on children plus adults)."""
+    from ctcovid.cli.main import main
+    from ctcovid.cxr.masks import LUNG_SEGMENTATION_BUNDLE
+
+    cxr = data_path("cxr")
+    seg = bundles_root() / LUNG_SEGMENTATION_BUNDLE
+    if not (seg / "models" / "model.pt").is_file():
+        pytest.skip(f"no trained X-ray lung segmenter weights in {seg / 'models'}")
+    bundles = tmp_path / "bundles"
+    shutil.copytree(seg, bundles / LUNG_SEGMENTATION_BUNDLE)
+    (bundles / STAGE1_BUNDLE / "configs").mkdir(parents=True)
+    training = json.loads(ADULT_DL.read_text())["training"]
+    picked = [next(it for it in training if it["domain"] == d and it["label"] == c) for d, c in
+              (("child", 0), ("child", 1), ("child", 2), ("adult", 2))]
+    dl_file = bundles / STAGE1_BUNDLE / "configs" / "datalist_adult.json"
+    dl_file.write_text(json.dumps({"training": picked}))
+    masks = tmp_path / "masks"
+    argv = ["cxr", "lung-masks", "--stage", "adult", "--mask-root", str(masks), "--bundle-dir", str(bundles),
+            "--data-root", str(cxr)]
+    assert main(argv) == 0
+    assert "4 masks written" in capsys.readouterr().out and (masks / "kermany").is_dir()
+
+    with pytest.raises(FileNotFoundError, match="no manual lung mask"):  # Kermany films have no manual mask
+        load_adult_training(dl_file, cxr, lung_masks=True)
+    out = load_adult_training(dl_file, cxr, adult_repeat=(1, 1, 2), lung_masks=True, mask_root=masks)
+    assert len(out) == 5  # the adult viral film twice
+    for it in out:
+        assert it["lung_mask"] == str((masks / it["name"]).with_suffix(".png"))
+        with Image.open(it["lung_mask"]) as m:
+            lung = np.asarray(m) > 127
+        with Image.open(it["image"]) as im:
+            assert lung.shape == im.size[::-1]
+        # a trained segmenter on a frontal film: two lung fields, a plausible share of the film
+        assert 0.10 < lung.mean() < 0.60, (it["name"], lung.mean())
+
+
+def test_regional_config_adds_masks_to_the_adult_training_items(tmp_path):
+    """train.json + train_adult.json + train_regional.json: regional learning on children plus repeated adults;
+    every training item (children and adults) carries its lung mask under ``mask_root``."""
+    from monai.bundle import ConfigParser
+
+    cxr = data_path("cxr")
+    configs = bundles_root() / STAGE1_BUNDLE / "configs"
+    parser = ConfigParser()
+    parser.read_config([str(configs / f) for f in ("train.json", "train_adult.json", "train_regional.json")])
+    parser.update({"bundle_root": str(configs.parent), "data_root": str(cxr), "mask_root": str(tmp_path),
+                   "child_limit": 30, "ckpt_dir": str(tmp_path / "ckpt")})
+    items = parser.get_parsed_content("train#datalist")
+    domains = Counter(it["domain"] for it in items)
+    assert domains["child"] == 30 and domains["adult"] > 100
+    assert all(it["lung_mask"] == str((tmp_path / it["name"]).with_suffix(".png")) for it in items)
+    assert parser.get_parsed_content("network_def#moex") is False

@@ -141,7 +141,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "configs/train_regional.json expects (--mask_root)."
         ),
     )
-    pm.add_argument("--stage", type=int, choices=(1, 2), required=True, help="1: Kermany datalist, 2: ieee8023 datalist")
+    pm.add_argument(
+        "--stage", choices=("1", "2", "adult"), required=True,
+        help="1: Kermany datalist, 2: ieee8023 datalist, adult: stage 1's children + adults datalist (datalist_adult.json)",
+    )
     pm.add_argument("--mask-root", required=True, help="output folder for the masks")
     pm.add_argument("--parts", default="training", help="comma-separated datalist parts (default: training)")
     pm.add_argument("--data-root", default=None, help="dataset folder (default: ../shared/data/cxr/<dataset>)")
@@ -305,13 +308,18 @@ def run_lung_masks(args) -> int:
     from ctcovid.cxr.datalists import default_data_root, load_datalist
     from ctcovid.cxr.masks import predict_lung_masks
 
-    bundle, dataset = (STAGE1_BUNDLE, "kermany") if args.stage == 1 else (STAGE2_BUNDLE, "ieee8023")
+    # (bundle, datalist file, dataset folder under the data root; the adult datalist spans both datasets)
+    bundle, datalist, dataset = {
+        "1": (STAGE1_BUNDLE, "datalist.json", ("kermany",)),
+        "2": (STAGE2_BUNDLE, "datalist.json", ("ieee8023",)),
+        "adult": (STAGE1_BUNDLE, "datalist_adult.json", ()),
+    }[str(args.stage)]
     root = Path(args.bundle_dir).expanduser().resolve() if args.bundle_dir else bundles_root()
-    data_root = args.data_root or default_data_root("cxr", dataset)
+    data_root = args.data_root or default_data_root("cxr", *dataset)
     items = []
     try:
         for part in [p.strip() for p in args.parts.split(",") if p.strip()]:
-            items += load_datalist(root / bundle / "configs" / "datalist.json", part, data_root)
+            items += load_datalist(root / bundle / "configs" / datalist, part, data_root)
     except KeyError as e:
         _error(str(e))
         return EXIT_USAGE
@@ -320,8 +328,9 @@ def run_lung_masks(args) -> int:
     except (MissingWeightsError, BundleError) as e:
         _error(str(e))
         return EXIT_MODELS
+    adult = "'train_adult.json'," if str(args.stage) == "adult" else ""
     print(f"{counts['written']} masks written, {counts['existing']} already there, {counts['failed']} failed "
-          f"-> {args.mask_root}; train with --config_file \"['train.json','train_regional.json']\" "
+          f"-> {args.mask_root}; train with --config_file \"['train.json',{adult}'train_regional.json']\" "
           f"--mask_root {args.mask_root}")
     return EXIT_IMAGES_FAILED if counts["failed"] else EXIT_OK
 

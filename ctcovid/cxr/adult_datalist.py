@@ -120,6 +120,8 @@ def load_adult_training(
     child_limit: int | None = None,
     adult_repeat: Sequence[int] = (1, 1, 1),
     seed: int = 0,
+    lung_masks: bool = False,
+    mask_root: str | os.PathLike | None = None,
 ) -> list[dict]:
     """The adult datalist's ``training`` items, absolute paths; children subsampled, adults repeated.
 
@@ -130,8 +132,10 @@ def load_adult_training(
         adult_repeat: how often each adult image of class normal / bacterial / viral appears per epoch
             (adult normal and bacterial films are few; repeating them keeps "adult" from meaning "viral").
         seed: subset and shuffle seed.
+        lung_masks, mask_root: add each image's ``lung_mask`` for regional learning, as
+            :func:`ctcovid.cxr.datalists.load_datalist` does (``ctcovid cxr lung-masks --stage adult`` writes them).
     """
-    items = load_datalist(datalist_file, "training", data_root)
+    items = load_datalist(datalist_file, "training", data_root, lung_masks=lung_masks, mask_root=mask_root)
     child = [it for it in items if it.get("domain") != "adult"]
     adult = [it for it in items if it.get("domain") == "adult"]
     if child_limit is not None and child_limit < len(child):
