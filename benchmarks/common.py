@@ -438,3 +438,13 @@ def save_result(file_name: str, benchmark: str, **fields: Any) -> Path:
     dest = write_json_atomic(record, Path(__file__).resolve().parent / "results" / file_name)
     print(f"wrote {dest}")
     return dest
+
+
+def write_result_file(result: dict, out: str | Path, hide: Sequence[str] = ()) -> Path:
+    """Write an evaluation's ``result`` to ``out`` (atomically) and print it without the bulky ``hide`` keys."""
+    from ctcovid.io.atomic import write_json_atomic
+
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    dest = write_json_atomic(result, Path(out))
+    print(json.dumps({k: v for k, v in result.items() if k not in hide}, indent=1))
+    return dest

@@ -57,6 +57,7 @@ def adult_items(data_root: Path, stage2_datalist: Path, stage1_adult_datalist: P
 
 def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT))
+    from common import write_result_file
     from sklearn.metrics import roc_auc_score, roc_curve
 
     from ctcovid.cxr.cascade import CXRCascade
@@ -124,9 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         "models": cascade.models(),
         "date": time.strftime("%Y-%m-%d"),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k not in ("models", "per_image")}, indent=1))
+    write_result_file(result, args.out, hide=("models", "per_image"))
     return 0
 
 

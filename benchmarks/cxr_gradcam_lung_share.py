@@ -19,7 +19,6 @@ between weights on the same images, not as an absolute.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -57,6 +56,7 @@ def summarise(rows: list[dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT))
+    from common import write_result_file
     from PIL import Image
 
     from ctcovid.cxr.cascade import STAGE1_BUNDLE
@@ -98,9 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d"),
         "per_image": rows,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k not in ("model", "per_image")}, indent=1))
+    write_result_file(result, args.out, hide=("model", "per_image"))
     return 0
 
 

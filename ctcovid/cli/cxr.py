@@ -147,7 +147,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     pm.add_argument("--mask-root", required=True, help="output folder for the masks")
     pm.add_argument("--parts", default="training", help="comma-separated datalist parts (default: training)")
-    pm.add_argument("--data-root", default=None, help="dataset folder (default: ../shared/data/cxr/<dataset>)")
+    pm.add_argument(
+        "--data-root", default=None,
+        help="dataset folder (default: ../shared/data/cxr/<dataset>; ../shared/data/cxr for --stage adult)",
+    )
     pm.add_argument("--bundle-dir", default=None, help="folder holding the bundles")
     pm.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
     pm.set_defaults(func=run_lung_masks)
