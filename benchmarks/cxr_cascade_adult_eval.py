@@ -63,9 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     from ctcovid.cxr.cascade import CXRCascade
     from ctcovid.metrics import auc_ci_by_patient
     from ctcovid.metrics import proportion_ci as wilson
+    from ctcovid.training.data_root import default_data_root
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", default=os.environ.get("CTCOVID_DATA", str(ROOT.parent / "shared" / "data")))
+    p.add_argument("--data", default=default_data_root(), help="shared data folder (default: $CTCOVID_DATA or ../shared/data)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cxr_cascade_adult.json"))
     p.add_argument("--speed-images", type=int, default=20)
     p.add_argument("--bundles", default=None, help="folder holding both cascade bundles (default: the repository's)")

@@ -19,7 +19,6 @@ between weights on the same images, not as an absolute.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -64,10 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     from ctcovid.cxr.masks import mask_path, predict_lung_masks
     from ctcovid.cxr.stage import CXRStage
     from ctcovid.io import load_xray
+    from ctcovid.training.data_root import default_data_root
     from ctcovid.visualize.gradcam import gradcam_with_logits
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", default=os.environ.get("CTCOVID_DATA", str(ROOT.parent / "shared" / "data")))
+    p.add_argument("--data", default=default_data_root(), help="shared data folder (default: $CTCOVID_DATA or ../shared/data)")
     p.add_argument("--bundles", default=None, help="folder holding the stage-1 bundle (default: the repository's)")
     p.add_argument("--mask-root", default=str(Path("~/.cache/ctcovid-train/masks/kermany").expanduser()))
     p.add_argument("--part", default="validation")
