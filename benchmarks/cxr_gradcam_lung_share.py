@@ -10,7 +10,8 @@ same image (cached under ``--mask-root``). Recorded per image and summarised:
 - ``peak_in_lung``: whether the map's hottest pixel lies in the lungs.
 
 Regional learning (``train_regional.json``) trains on lung-only copies so that the network uses lung evidence;
-this is the measure of whether it did. Masks are a segmenter's, not manual: read the numbers as a comparison
+this is the measure of whether it did. Weights trained on lung-box crops (``train_lungbox.json``) are measured
+on the whole film too: their map is put back in the box, zero outside it. Masks are a segmenter's, not manual: read the numbers as a comparison
 between weights on the same images, not as an absolute.
 
     python benchmarks/cxr_gradcam_lung_share.py [--bundles DIR] [--out benchmarks/results/cxr_gradcam_lung_share.json]
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     from ctcovid.cxr.stage import CXRStage
     from ctcovid.io import load_xray
     from ctcovid.training.data_root import default_data_root
-    from ctcovid.visualize.gradcam import gradcam_with_logits
+    from ctcovid.visualize.gradcam import gradcam_with_logits, paste_heatmap
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default=default_data_root(), help="shared data folder (default: $CTCOVID_DATA or ../shared/data)")
@@ -81,9 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     stage = CXRStage.from_bundle("stage 1", STAGE1_BUNDLE, bundles, "cpu")
     rows = []
     for it in items:
-        x = stage.preprocess(load_xray(it["image"]))
+        image = load_xray(it["image"])
+        x, box = stage.prepare(image)
         heat, logits = gradcam_with_logits(stage.network, x, stage.gradcam_layer)
-        with Image.open(mask_path(args.mask_root, it["name"])) as m:  # image size -> the map's (network input) size
+        if box is not None:  # weights trained on lung-box crops: the map goes back on the whole film, 0 outside
+            heat = paste_heatmap(heat, box, image.shape[1:])
+        with Image.open(mask_path(args.mask_root, it["name"])) as m:  # image size -> the map's size
             lung = np.asarray(m.convert("L").resize(heat.shape[::-1], Image.NEAREST)) > 127
         pred = int(logits.argmax())
         rows.append({"image": it["name"], "label": stage.class_names[it["label"]],

@@ -135,10 +135,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     pm = _subcommand(
         sub,
         "lung-masks",
-        help="predict lung masks (cxr_lung_segmentation) for a cascade bundle's datalist, for regional learning",
+        help="predict lung masks (cxr_lung_segmentation) for a cascade bundle's datalist, for regional learning "
+        "or lung-box crops",
         description=(
             "Writes <mask-root>/<image relative path>.png for every image of the chosen datalist parts, as "
-            "configs/train_regional.json expects (--mask_root)."
+            "configs/train_regional.json and stage 1's configs/train_lungbox.json expect (--mask_root)."
         ),
     )
     pm.add_argument(
@@ -251,6 +252,7 @@ def run_calibrate(args) -> int:
     from ctcovid.bundle import bundles_root
     from ctcovid.cxr.cascade import STAGE1_BUNDLE
     from ctcovid.cxr.evaluation import read_viral_threshold
+    from ctcovid.cxr.stage import trained_lung_box_margin
 
     root = Path(args.bundle_dir).expanduser().resolve() if args.bundle_dir else bundles_root()
     bdir = root / STAGE1_BUNDLE
@@ -270,6 +272,10 @@ def run_calibrate(args) -> int:
     if args.device != "auto":
         overrides["device"] = f"$torch.device('{args.device}')"
     configs = [str(bdir / "configs" / "train.json"), str(bdir / "configs" / "calibrate.json")]
+    margin = trained_lung_box_margin(bdir)
+    if margin is not None:  # weights trained on lung-box crops are calibrated on the same crops
+        configs.insert(1, str(bdir / "configs" / "train_lungbox.json"))
+        overrides["lung_box_margin"] = margin
     bundle_run(config_file=configs, logging_file=str(bdir / "configs" / "logging.conf"), **overrides)
     record = read_viral_threshold(bdir / "models" / "viral_threshold.json")
     print(f"Th_Vir = {record['viral_threshold']:.6f} over {record['num_images']} images "
@@ -334,7 +340,7 @@ def run_lung_masks(args) -> int:
     adult = "'train_adult.json'," if str(args.stage) == "adult" else ""
     print(f"{counts['written']} masks written, {counts['existing']} already there, {counts['failed']} failed "
           f"-> {args.mask_root}; train with --config_file \"['train.json',{adult}'train_regional.json']\" "
-          f"--mask_root {args.mask_root}")
+          f"--mask_root {args.mask_root} (stage 1: or 'train_lungbox.json' for lung-box crops)")
     return EXIT_IMAGES_FAILED if counts["failed"] else EXIT_OK
 
 

@@ -13,6 +13,10 @@ calibration set) goes on to stage 2 (bundle ``cxr_covid_viral_classification``, 
 Grad-CAM (:mod:`ctcovid.visualize.gradcam`) explains the stage that gave the final label, for that label,
 drawn over the original radiograph (shrunk to at most 1024 px).
 
+A stage 1 trained on films cropped to the lungs' bounding box (``configs/train_lungbox.json``) crops the same way
+in its own ``inference.json`` preprocessing (X-ray lung segmenter, then the box): the box is kept in the result
+(``stage1_lung_box``) and stage 1's Grad-CAM is drawn inside it on the whole film.
+
 :func:`ctcovid.cxr.runs.run_cascade` runs many files: per image ``<id>.json`` and ``<id>_gradcam.png``, and ``summary.csv``
 rewritten after each image (all written atomically). An unreadable image gets a ``failed`` row with the
 reason and the run goes on. :func:`ctcovid.cxr.runs.evaluate_cascade` scores the cascade on labelled images (4 classes).
@@ -151,7 +155,7 @@ class CXRCascade:
         from ctcovid.io import load_xray
 
         image = load_xray(path) if image is None else image
-        x1 = self.stage1.preprocess(image)
+        x1, box = self.stage1.prepare(image)
         p1 = self.stage1.probabilities(x1)
         pv = float(p1[self.viral_index])
         passed = pv > self.threshold
@@ -162,6 +166,7 @@ class CXRCascade:
             viral_threshold=self.threshold,
             passed_threshold=passed,
             models=self.models(),
+            stage1_lung_box=box,
         )
         x2, heat = None, None
         if passed or stage2_for_all:
@@ -185,7 +190,8 @@ class CXRCascade:
             result.label, result.decided_by = self.stage1.class_names[k], "stage 1"
             stage, x, class_index = self.stage1, x1, k
         if overlay_path is not None:
-            result.overlay_png = str(self._gradcam(stage, x, class_index, overlay_path, image, heat))
+            where = box if stage is self.stage1 else None
+            result.overlay_png = str(self._gradcam(stage, x, class_index, overlay_path, image, heat, where))
             result.gradcam = {"stage": stage.name, "class": stage.class_names[class_index], "layer": stage.gradcam_layer}
         return result
 
@@ -200,9 +206,11 @@ class CXRCascade:
         path: str | os.PathLike,
         image: torch.Tensor,
         heat: np.ndarray | None = None,
+        box: Sequence[int] | None = None,
     ) -> Path:
-        """Grad-CAM of ``stage`` for ``class_index`` (``heat``: already computed) over the radiograph, as PNG."""
-        from ctcovid.visualize.gradcam import gradcam_heatmap, overlay_heatmap, save_png_atomic
+        """Grad-CAM of ``stage`` for ``class_index`` (``heat``: already computed) over the radiograph, as PNG;
+        ``box`` ``(r0, r1, c0, c1)``: the map was made on that crop of the radiograph (zero outside it)."""
+        from ctcovid.visualize.gradcam import gradcam_heatmap, overlay_heatmap, paste_heatmap, save_png_atomic
 
         if not stage.gradcam_layer:
             raise RuntimeError(f"{stage.name}: network has no gradcam_layer to explain")
@@ -215,4 +223,6 @@ class CXRCascade:
 
             shape = (max(1, round(grey.shape[0] * scale)), max(1, round(grey.shape[1] * scale)))
             grey = resize(grey, shape, order=1, anti_aliasing=True, preserve_range=True)
+        if box is not None:
+            heat = paste_heatmap(heat, box, image.shape[1:], grey.shape)
         return save_png_atomic(overlay_heatmap(grey, heat), path)

@@ -43,6 +43,7 @@ class CXRResult:
     decided_by: str | None = None
     overlay_png: str | None = None
     gradcam: dict | None = None
+    stage1_lung_box: list[int] | None = None  # (r0, r1, c0, c1) stage 1 saw, when it sees lung-box crops
     models: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:

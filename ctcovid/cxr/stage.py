@@ -16,7 +16,7 @@ from ctcovid.bundle.errors import MissingWeightsError
 from ctcovid.bundle.loading import load_stage
 from ctcovid.running.device import resolve_device
 
-__all__ = ["CXRStage", "CascadeWeightsError"]
+__all__ = ["CXRStage", "CascadeWeightsError", "trained_lung_box_margin"]
 
 
 class CascadeWeightsError(MissingWeightsError):
@@ -39,14 +39,44 @@ class CascadeWeightsError(MissingWeightsError):
         return "\n".join(lines)
 
 
+def _train_info(bundle_dir: Path) -> dict:
+    """``models/train_info.json``, written by the bundle's training (``{}`` if absent or unreadable)."""
+    try:
+        info = json.loads((Path(bundle_dir) / "models" / "train_info.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
 def _trained_size(bundle_dir: Path) -> list[int] | None:
     """``spatial_size`` recorded in ``models/train_info.json`` by the bundle's training, if any."""
-    info = Path(bundle_dir) / "models" / "train_info.json"
-    try:
-        size = json.loads(info.read_text(encoding="utf-8")).get("spatial_size")
-    except (OSError, ValueError, AttributeError):
-        return None
+    size = _train_info(bundle_dir).get("spatial_size")
     return [int(v) for v in size] if isinstance(size, list) and len(size) == 2 else None
+
+
+def trained_lung_box_margin(bundle_dir: str | os.PathLike) -> float | None:
+    """The margin of the lung-box crops the bundle's weights were trained on (``configs/train_lungbox.json``
+    records it in ``models/train_info.json``); ``None``: trained on whole films."""
+    margin = _train_info(Path(bundle_dir)).get("lung_box_margin")
+    return None if margin is None else float(margin)
+
+
+def _use_lung_box(cfg, bundle_dir: Path) -> float | None:
+    """Weights trained on lung-box crops (``lung_box_margin`` in ``models/train_info.json``, written by
+    ``configs/train_lungbox.json``) get the bundle's ``configs/inference_lungbox.json`` on top of ``cfg`` (lung
+    segmenter, then the box crop, in the preprocessing) with the trained margin. Returns the margin or ``None``."""
+    from monai.bundle import ConfigParser
+
+    margin = trained_lung_box_margin(bundle_dir)
+    if margin is None:
+        return None
+    overlay = Path(bundle_dir) / "configs" / "inference_lungbox.json"
+    if not overlay.is_file():
+        raise FileNotFoundError(f"{bundle_dir}: weights trained on lung-box crops (models/train_info.json) but no "
+                                f"{overlay.name} in configs/ to crop the same way at inference")
+    cfg.update(ConfigParser.load_config_files(str(overlay)))
+    cfg["lung_box_margin"] = float(margin)
+    return float(margin)
 
 
 class CXRStage:
@@ -56,7 +86,8 @@ class CXRStage:
         network: ``(1, C, H, W)`` -> logits ``(1, K)``; put in eval mode.
         class_names: the ``K`` class names.
         transform: maps ``{"image": (1, H, W) MetaTensor in [0, 1]}`` to ``{"image": (C, h, w)}`` (a bundle's
-            preprocessing without its loader). Default: resize to ``spatial_size`` (bilinear, anti-aliased) and
+            preprocessing without its loader). A transform that crops the film (a stage trained on lung-box crops,
+            ``configs/train_lungbox.json``) also returns ``{"lung_box": {"box": [r0, r1, c0, c1], ...}}``. Default: resize to ``spatial_size`` (bilinear, anti-aliased) and
             repeat the grey channel to the network's ``in_channels`` -- the bundles' own preprocessing.
         spatial_size: network input size for the default transform.
         device: where the network runs.
@@ -106,6 +137,8 @@ class CXRStage:
         """Build from a bundle's ``inference.json`` (network, preprocessing minus the loader, class names)
         and ``models/model.pt``. Input size: ``spatial_size`` if given, else the size the weights were trained
         at (``models/train_info.json``, written by ``train.json``), else the config's ``spatial_size``.
+        Weights trained on lung-box crops (``lung_box_margin`` in the same file) get ``inference_lungbox.json``'s
+        preprocessing (the X-ray lung segmenter, then the crop) on top of ``inference.json``.
 
         Raises ``ctcovid.bundle.loading.MissingWeightsError`` when the weights are absent.
         """
@@ -116,6 +149,7 @@ class CXRStage:
         dev = resolve_device(device)
         sm = load_stage(stage, bundle, bundle_dir, device=dev)
         cfg = sm.config
+        margin = _use_lung_box(cfg, sm.bundle_dir)
         size = spatial_size or _trained_size(sm.bundle_dir)
         if size is not None:
             cfg["spatial_size"] = [int(s) for s in size]
@@ -132,14 +166,22 @@ class CXRStage:
             name=stage,
             # intended_use travels with every result: the bundle says where its answers mean nothing
             provenance={**sm.provenance(), "spatial_size": [int(s) for s in size],
-                        "intended_use": (sm.metadata or {}).get("intended_use")},
+                        "intended_use": (sm.metadata or {}).get("intended_use"),
+                        **({"lung_box_margin": margin} if margin is not None else {})},
         )
 
     def preprocess(self, image: torch.Tensor) -> torch.Tensor:
         """``(1, H, W)`` grey image in [0, 1] -> ``(1, C, h, w)`` float32 network input on the device."""
-        out = self.transform({"image": image})["image"]
+        return self.prepare(image)[0]
+
+    def prepare(self, image: torch.Tensor) -> tuple[torch.Tensor, list[int] | None]:
+        """As :meth:`preprocess`, with the crop ``[r0, r1, c0, c1]`` of ``image`` the input shows (``None``: the
+        whole image)."""
+        d = self.transform({"image": image})
+        out = d["image"]
         x = out.as_tensor() if hasattr(out, "as_tensor") else torch.as_tensor(out)
-        return x[None].float().to(self.device)
+        box = d.get("lung_box")
+        return x[None].float().to(self.device), (list(box["box"]) if box else None)
 
     @torch.no_grad()
     def probabilities(self, x: torch.Tensor) -> np.ndarray:

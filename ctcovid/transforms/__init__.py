@@ -9,13 +9,14 @@
 Each module's ``__all__`` is its public API; this package re-exports all of them.
 """
 
-from . import clahe, conditional, intensity, quality, slice_selection, volume, xray
+from . import clahe, conditional, intensity, lung_box, quality, slice_selection, volume, xray
 from .clahe import *  # noqa: F403
 from .conditional import *  # noqa: F403
 from .intensity import *  # noqa: F403
+from .lung_box import *  # noqa: F403
 from .quality import *  # noqa: F403
 from .slice_selection import *  # noqa: F403
 from .volume import *  # noqa: F403
 from .xray import *  # noqa: F403
 
-__all__ = [name for m in (clahe, conditional, intensity, quality, slice_selection, volume, xray) for name in m.__all__]
+__all__ = [name for m in (clahe, conditional, intensity, lung_box, quality, slice_selection, volume, xray) for name in m.__all__]

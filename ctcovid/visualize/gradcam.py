@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from monai.visualize import GradCAM
 
-__all__ = ["gradcam_heatmap", "gradcam_with_logits", "overlay_heatmap", "save_png_atomic"]
+__all__ = ["gradcam_heatmap", "gradcam_with_logits", "overlay_heatmap", "paste_heatmap", "save_png_atomic"]
 
 _CACHE_ATTR = "_ctcovid_gradcam_cache"
 
@@ -145,6 +145,31 @@ def overlay_heatmap(image_2d: np.ndarray, heatmap: np.ndarray, alpha: float = 0.
     colour = colormaps[cmap](np.clip(heat, 0.0, 1.0))[..., :3]
     out = (1.0 - alpha) * grey[..., None] + alpha * colour
     return np.clip(np.round(out * 255.0), 0, 255).astype(np.uint8)
+
+
+def paste_heatmap(
+    heatmap: np.ndarray, box: Sequence[int], image_size: Sequence[int], out_size: Sequence[int] | None = None
+) -> np.ndarray:
+    """A heat map made on a crop, put back on the whole image: zeros outside the crop.
+
+    Args:
+        heatmap: ``(h, w)`` map of the crop (any size; resized bilinearly into the box).
+        box: ``(r0, r1, c0, c1)`` of the crop in the image (end exclusive).
+        image_size: ``(H, W)`` of the image the box refers to.
+        out_size: size of the returned map (default ``image_size``); the box is scaled to it.
+
+    Returns:
+        ``out_size`` float map.
+    """
+    from skimage.transform import resize
+
+    (H, W), (oh, ow) = image_size, (out_size or image_size)
+    r0, r1 = round(box[0] * oh / H), max(round(box[1] * oh / H), round(box[0] * oh / H) + 1)
+    c0, c1 = round(box[2] * ow / W), max(round(box[3] * ow / W), round(box[2] * ow / W) + 1)
+    out = np.zeros((oh, ow), dtype=np.float32)
+    out[r0:r1, c0:c1] = resize(np.asarray(heatmap, dtype=np.float32), (r1 - r0, c1 - c0), order=1, mode="edge",
+                               anti_aliasing=False)
+    return out
 
 
 def save_png_atomic(array: np.ndarray, path: str | os.PathLike, compress_level: int = 1) -> Path:
