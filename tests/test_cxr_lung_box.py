@@ -14,11 +14,10 @@ import torch
 from conftest import data_path
 from monai.data import MetaTensor
 from PIL import Image
-from test_cxr_pipeline import FixedStage2, MeanIntensityStage1
+from test_cxr_pipeline import FixedStage2, MeanIntensityStage1, copy_bundles_with_random_weights
 
 from ctcovid.bundle import bundles_root
-from ctcovid.cxr import STAGE1_BUNDLE, STAGE2_BUNDLE, CXRCascade, CXRStage
-from ctcovid.cxr.evaluation import write_viral_threshold
+from ctcovid.cxr import STAGE1_BUNDLE, CXRCascade, CXRStage
 from ctcovid.cxr.masks import LUNG_SEGMENTATION_BUNDLE, SegmentLungsd
 from ctcovid.transforms import LungBoxCrop, LungBoxCropd
 from ctcovid.visualize.gradcam import paste_heatmap
@@ -125,20 +124,12 @@ def test_weights_trained_on_lung_boxes_make_the_bundle_segment_a_real_film(tmp_p
     """Stage-1 weights whose ``models/train_info.json`` records ``lung_box_margin`` are run with
     ``inference_lungbox.json`` on top (the shipped X-ray lung segmenter, then the crop): on a real child's film the
     box covers the lung fields, not the whole film."""
-    from ctcovid.networks import SEDenseNet169, SEResNet50
-
     film = data_path("cxr", "kermany", "train", "NORMAL", "IM-0115-0001.jpeg")
     seg = bundles_root() / LUNG_SEGMENTATION_BUNDLE
     if not (seg / "models" / "model.pt").is_file():
         pytest.skip(f"no trained X-ray lung segmenter weights in {seg / 'models'}")
-    root = tmp_path / "bundles"
+    root = copy_bundles_with_random_weights(tmp_path / "bundles", threshold=0.5)
     shutil.copytree(seg, root / LUNG_SEGMENTATION_BUNDLE)
-    torch.manual_seed(0)
-    for name, net in ((STAGE1_BUNDLE, SEResNet50(num_classes=3)), (STAGE2_BUNDLE, SEDenseNet169(num_classes=2))):
-        shutil.copytree(bundles_root() / name / "configs", root / name / "configs")
-        (root / name / "models").mkdir()
-        torch.save(net.state_dict(), root / name / "models" / "model.pt")
-    write_viral_threshold(root / STAGE1_BUNDLE / "models" / "viral_threshold.json", 0.5, calibration_set="test")
     info = root / STAGE1_BUNDLE / "models" / "train_info.json"
     info.write_text(json.dumps({"spatial_size": [64, 64], "lung_box_margin": None}))
     assert CXRCascade.from_bundles(root, device="cpu").predict(film).stage1_lung_box is None
@@ -152,6 +143,7 @@ def test_weights_trained_on_lung_boxes_make_the_bundle_segment_a_real_film(tmp_p
     share = (r1 - r0) * (c1 - c0) / (h * w)
     assert 0.2 < share < 0.95, res.stage1_lung_box  # the lungs and their margin, not the whole film
     assert res.models["stage1"]["lung_box_margin"] == 0.05 and cascade.stage1.spatial_size == [64, 64]
+    assert res.models["stage1"]["lung_segmentation"]["bundle"] == LUNG_SEGMENTATION_BUNDLE
 
     # the bundle's own inference run (inference.json + inference_lungbox.json) crops the same way: same answer
     import csv
@@ -179,6 +171,13 @@ def test_weights_trained_on_lung_boxes_make_the_bundle_segment_a_real_film(tmp_p
     scan = report["scans"][0]
     expected = cascade.predict(data_path("cxr", "kermany", scan["name"])).stage1_probabilities
     assert scan["probabilities"] == pytest.approx([expected[c] for c in ("normal", "bacterial", "viral")], abs=1e-5)
+
+    # no segmenter weights: refused when the cascade is loaded (the CLI's exit 3), not per image
+    from ctcovid.bundle.errors import MissingWeightsError
+
+    (root / LUNG_SEGMENTATION_BUNDLE / "models" / "model.pt").rename(tmp_path / "seg.pt")
+    with pytest.raises(MissingWeightsError, match=LUNG_SEGMENTATION_BUNDLE):
+        CXRCascade.from_bundles(root, device="cpu")
 
     (root / STAGE1_BUNDLE / "configs" / "inference_lungbox.json").unlink()
     with pytest.raises(FileNotFoundError, match="inference_lungbox.json"):

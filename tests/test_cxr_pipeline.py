@@ -265,20 +265,25 @@ def test_cascade_evaluation_decisions_and_scores(tmp_path, stub_cascade):
 # --------------------------------------------------------------------------------------- command line
 
 
-@pytest.fixture(scope="module")
-def random_weight_bundles(tmp_path_factory):
-    """Copies of both bundles with untrained (random, seeded) weights and a stored threshold: enough to test
-    the command line's behaviour; the real trained run is in test_bundle_cxr_cascade.py."""
+def copy_bundles_with_random_weights(root, threshold: float = 0.2):
+    """Copies of both cascade bundles' configs under ``root`` with untrained (random, seeded) weights and a
+    stored threshold."""
     from ctcovid.networks import SEDenseNet169, SEResNet50
 
-    root = tmp_path_factory.mktemp("cxr_bundles")
     torch.manual_seed(0)
     for name, net in ((STAGE1_BUNDLE, SEResNet50(num_classes=3)), (STAGE2_BUNDLE, SEDenseNet169(num_classes=2))):
         shutil.copytree(bundles_root() / name / "configs", root / name / "configs")
         (root / name / "models").mkdir()
         torch.save(net.state_dict(), root / name / "models" / "model.pt")
-    write_viral_threshold(root / STAGE1_BUNDLE / "models" / "viral_threshold.json", 0.2, calibration_set="test")
+    write_viral_threshold(root / STAGE1_BUNDLE / "models" / "viral_threshold.json", threshold, calibration_set="test")
     return root
+
+
+@pytest.fixture(scope="module")
+def random_weight_bundles(tmp_path_factory):
+    """Both bundles with random weights: enough to test the command line's behaviour; the real trained run is in
+    test_bundle_cxr_cascade.py."""
+    return copy_bundles_with_random_weights(tmp_path_factory.mktemp("cxr_bundles"))
 
 
 def test_cli_exit_codes_and_failed_rows(tmp_path, random_weight_bundles, capsys):

@@ -1,7 +1,8 @@
 """Lung masks for regional learning, predicted by the X-ray lung segmenter (bundle ``cxr_lung_segmentation``).
 
 Regional learning (``configs/train_regional.json`` of the cascade bundles) and stage 1's lung-box crops
-(``configs/train_lungbox.json``) need a lung mask for every training image. Manual masks exist only for ieee8023 COVID-19 images, so the masks come from the segmenter:
+(``configs/train_lungbox.json``) need a lung mask for every training image. Manual masks exist only for
+ieee8023 COVID-19 images, so the masks come from the segmenter:
 :func:`predict_lung_masks` writes ``<mask_root>/<image's relative path>.png`` (0 / 255, the image's own size),
 the layout ``load_datalist(..., lung_masks=True, mask_root=...)`` reads. :class:`CXRLungSegmenter` is the same
 segmenter in memory, one image at a time, and :class:`SegmentLungsd` its dictionary transform (lung-box crops
@@ -25,7 +26,12 @@ from ctcovid.bundle.loading import load_stage
 from ctcovid.io.errors import CTInputError
 
 __all__ = [
-    "LUNG_SEGMENTATION_BUNDLE", "CXRLungSegmenter", "SegmentLungsd", "lung_mask_cleanup", "predict_lung_masks", "mask_path"
+    "LUNG_SEGMENTATION_BUNDLE",
+    "CXRLungSegmenter",
+    "SegmentLungsd",
+    "lung_mask_cleanup",
+    "mask_path",
+    "predict_lung_masks",
 ]
 
 logger = logging.getLogger(__name__)
@@ -118,9 +124,14 @@ class SegmentLungsd(MapTransform):
         self.bundle_dir, self.device = bundle_dir, device
         self.segmenter = segmenter
 
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+    def load(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The segmenter, loaded now if not yet (a caller that wants missing weights reported up front)."""
         if self.segmenter is None:
             self.segmenter = CXRLungSegmenter(self.bundle_dir, self.device)
+        return self.segmenter
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        self.load()
         d = dict(data)
         d[self.output_key] = self.segmenter(d[self.keys[0]])
         return d

@@ -86,9 +86,10 @@ class CXRStage:
         network: ``(1, C, H, W)`` -> logits ``(1, K)``; put in eval mode.
         class_names: the ``K`` class names.
         transform: maps ``{"image": (1, H, W) MetaTensor in [0, 1]}`` to ``{"image": (C, h, w)}`` (a bundle's
-            preprocessing without its loader). A transform that crops the film (a stage trained on lung-box crops,
-            ``configs/train_lungbox.json``) also returns ``{"lung_box": {"box": [r0, r1, c0, c1], ...}}``. Default: resize to ``spatial_size`` (bilinear, anti-aliased) and
-            repeat the grey channel to the network's ``in_channels`` -- the bundles' own preprocessing.
+            preprocessing without its loader). Default: resize to ``spatial_size`` (bilinear, anti-aliased) and
+            repeat the grey channel to the network's ``in_channels`` -- the bundles' own preprocessing. A
+            transform that crops the film (a stage trained on lung-box crops, ``configs/train_lungbox.json``) also
+            returns ``{"lung_box": {"box": [r0, r1, c0, c1], ...}}``.
         spatial_size: network input size for the default transform.
         device: where the network runs.
         gradcam_layer: module name for Grad-CAM (default: ``network.gradcam_layer``).
@@ -138,18 +139,21 @@ class CXRStage:
         and ``models/model.pt``. Input size: ``spatial_size`` if given, else the size the weights were trained
         at (``models/train_info.json``, written by ``train.json``), else the config's ``spatial_size``.
         Weights trained on lung-box crops (``lung_box_margin`` in the same file) get ``inference_lungbox.json``'s
-        preprocessing (the X-ray lung segmenter, then the crop) on top of ``inference.json``.
+        preprocessing (the X-ray lung segmenter, then the crop) on top of ``inference.json``; the segmenter is
+        loaded here, on ``device``, so missing segmenter weights are reported before any image is read.
 
         Raises ``ctcovid.bundle.loading.MissingWeightsError`` when the weights are absent.
         """
         from monai.transforms import Compose
 
+        from ctcovid.cxr.masks import SegmentLungsd
         from ctcovid.io import LoadXRayd
 
         dev = resolve_device(device)
         sm = load_stage(stage, bundle, bundle_dir, device=dev)
         cfg = sm.config
         margin = _use_lung_box(cfg, sm.bundle_dir)
+        cfg["device"] = str(dev)  # where a segmenter in the preprocessing runs
         size = spatial_size or _trained_size(sm.bundle_dir)
         if size is not None:
             cfg["spatial_size"] = [int(s) for s in size]
@@ -157,6 +161,7 @@ class CXRStage:
             size = cfg.get_parsed_content("spatial_size") if "spatial_size" in cfg else (sm.input_shape() or [512, 512])
         pre = cfg.get_parsed_content("preprocessing")
         steps = [t for t in pre.transforms if not isinstance(t, LoadXRayd)]
+        segmenters = [t.load() for t in steps if isinstance(t, SegmentLungsd)]
         return cls(
             sm.network,
             sm.channel_names(),
@@ -167,7 +172,8 @@ class CXRStage:
             # intended_use travels with every result: the bundle says where its answers mean nothing
             provenance={**sm.provenance(), "spatial_size": [int(s) for s in size],
                         "intended_use": (sm.metadata or {}).get("intended_use"),
-                        **({"lung_box_margin": margin} if margin is not None else {})},
+                        **({"lung_box_margin": margin} if margin is not None else {}),
+                        **({"lung_segmentation": segmenters[0].provenance} if segmenters else {})},
         )
 
     def preprocess(self, image: torch.Tensor) -> torch.Tensor:
