@@ -14,7 +14,6 @@ machine falls on all alike; the first film of each folder is a warm-up and is no
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import tempfile
@@ -31,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ctcovid.cxr import STAGE1_BUNDLE, CXRCascade
     from ctcovid.cxr.datalists import load_datalist
+    from ctcovid.profiling import describe_machine
     from ctcovid.training.data_root import default_data_root
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "what": "seconds per radiograph, X-ray cascade with Grad-CAM overlay (ctcovid cxr predict work)",
         "films": f"Kermany validation, first {len(items)} (first film of the first round = warm-up)",
-        "cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
+        "machine": describe_machine("cpu"), "torch_threads": torch.get_num_threads(),
         "date": time.strftime("%Y-%m-%d"),
         "runs": [
             {"bundles": f, "stage1_lung_box_margin": cascades[f].stage1.provenance.get("lung_box_margin"),
