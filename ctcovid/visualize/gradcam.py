@@ -164,8 +164,8 @@ def paste_heatmap(
     from skimage.transform import resize
 
     (H, W), (oh, ow) = image_size, (out_size or image_size)
-    r0, r1 = round(box[0] * oh / H), max(round(box[1] * oh / H), round(box[0] * oh / H) + 1)
-    c0, c1 = round(box[2] * ow / W), max(round(box[3] * ow / W), round(box[2] * ow / W) + 1)
+    r0, c0 = round(box[0] * oh / H), round(box[2] * ow / W)
+    r1, c1 = max(round(box[1] * oh / H), r0 + 1), max(round(box[3] * ow / W), c0 + 1)  # at least one pixel
     out = np.zeros((oh, ow), dtype=np.float32)
     out[r0:r1, c0:c1] = resize(np.asarray(heatmap, dtype=np.float32), (r1 - r0, c1 - c0), order=1, mode="edge",
                                anti_aliasing=False)
