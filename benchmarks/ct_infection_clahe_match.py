@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import platform
 import sys
 import time
 from pathlib import Path
@@ -42,6 +41,7 @@ def _ma_png_on_medseg_grid(path: Path) -> np.ndarray:
 
 def main() -> None:
     from ctcovid.io.atomic import write_json_atomic
+    from ctcovid.profiling import describe_machine
     from ctcovid.training.data_root import default_data_root
     from ctcovid.training.slices import lung_slice_items
     from ctcovid.transforms import CLAHE
@@ -90,7 +90,7 @@ def main() -> None:
         "benchmark": "lesion model input (ctcovid CLAHE per clip limit) vs the Ma et al. PNG of the same slice",
         "command": "benchmarks/ct_infection_clahe_match.py",
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        "machine": {"platform": platform.platform(), "python": platform.python_version()},
+        "machine": describe_machine("cpu"),
         "pairs": len(next(iter(scores.values()))),
         "volumes": list(TRAINING_VOLUMES),
         "by_clip_limit": rows,
