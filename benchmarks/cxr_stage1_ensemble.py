@@ -64,7 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--part", default="validation")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cxr_stage1_ensemble.json"))
     args = p.parse_args(argv)
-    members = dict(m.split("=", 1) for m in args.member)
+    members: dict[str, str] = {}
+    for m in args.member:
+        name, sep, folder = m.partition("=")
+        if not (sep and name and folder) or name in members:
+            p.error(f"--member {m!r}: need NAME=FOLDER with a name not used before")
+        members[name] = folder
     if len(members) < 2:
         p.error("give at least two --member NAME=FOLDER")
 

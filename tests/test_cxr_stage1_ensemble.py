@@ -35,6 +35,13 @@ def test_two_members_wrong_on_different_films_are_right_together():
     assert both["accuracy"] == 1.0 and both["macro_f1"] == 1.0 and both["macro_auc"] == 1.0
 
 
-def test_one_member_is_refused():
-    with pytest.raises(SystemExit):
-        main(["--member", "only=bundles"])
+@pytest.mark.parametrize(
+    "members",
+    [["only=bundles"], ["bundles", "b=bundles"], ["a=bundles", "a=other", "b=bundles"], ["=bundles", "b=bundles"]],
+    ids=["one member", "no name", "same name twice", "empty name"],
+)
+def test_bad_members_are_refused_by_name(members, capsys):
+    with pytest.raises(SystemExit) as err:
+        main([arg for m in members for arg in ("--member", m)])
+    assert err.value.code == 2
+    assert "--member" in capsys.readouterr().err
