@@ -23,6 +23,7 @@ from monai.transforms import MapTransform
 from monai.utils import convert_to_tensor
 
 from ctcovid.bundle.loading import load_stage
+from ctcovid.cxr.stage import bundle_preprocessing, network_batch
 from ctcovid.io.errors import CTInputError
 
 __all__ = [
@@ -69,14 +70,9 @@ class CXRLungSegmenter:
     """
 
     def __init__(self, bundle_dir: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> None:
-        from monai.transforms import Compose
-
-        from ctcovid.io import LoadXRayd
-
         self.device = torch.device(device)
         self.stage = load_stage("lung segmentation", LUNG_SEGMENTATION_BUNDLE, bundle_dir, device=self.device)
-        pre = self.stage.config.get_parsed_content("preprocessing")
-        self.transform = Compose([t for t in pre.transforms if not isinstance(t, LoadXRayd)])
+        self.transform = bundle_preprocessing(self.stage.config)
         self.clean = lung_mask_cleanup(
             self.stage.config_value("keep_components", default=2), self.stage.config_value("fill_holes", default=True)
         )
@@ -87,8 +83,7 @@ class CXRLungSegmenter:
 
     @torch.no_grad()
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        x = self.transform({"image": image})["image"]
-        x = (x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x))[None].float().to(self.device)
+        x = network_batch(self.transform({"image": image})["image"], self.device)
         prob = torch.softmax(self.stage.network(x).float(), dim=1)
         prob = torch.nn.functional.interpolate(prob, size=tuple(image.shape[1:]), mode="bilinear", align_corners=False)
         mask = self.clean(prob.argmax(dim=1).cpu())

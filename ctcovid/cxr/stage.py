@@ -16,7 +16,7 @@ from ctcovid.bundle.errors import MissingWeightsError
 from ctcovid.bundle.loading import load_stage
 from ctcovid.running.device import resolve_device
 
-__all__ = ["CXRStage", "CascadeWeightsError", "trained_lung_box_margin"]
+__all__ = ["CXRStage", "CascadeWeightsError", "bundle_preprocessing", "network_batch", "trained_lung_box_margin"]
 
 
 class CascadeWeightsError(MissingWeightsError):
@@ -48,26 +48,45 @@ def _train_info(bundle_dir: Path) -> dict:
     return info if isinstance(info, dict) else {}
 
 
-def _trained_size(bundle_dir: Path) -> list[int] | None:
-    """``spatial_size`` recorded in ``models/train_info.json`` by the bundle's training, if any."""
-    size = _train_info(bundle_dir).get("spatial_size")
+def _trained_size(info: dict) -> list[int] | None:
+    """``spatial_size`` recorded in ``models/train_info.json`` (``info``) by the bundle's training, if any."""
+    size = info.get("spatial_size")
     return [int(v) for v in size] if isinstance(size, list) and len(size) == 2 else None
+
+
+def _lung_box_margin(info: dict) -> float | None:
+    margin = info.get("lung_box_margin")
+    return None if margin is None else float(margin)
 
 
 def trained_lung_box_margin(bundle_dir: str | os.PathLike) -> float | None:
     """The margin of the lung-box crops the bundle's weights were trained on (``configs/train_lungbox.json``
     records it in ``models/train_info.json``); ``None``: trained on whole films."""
-    margin = _train_info(Path(bundle_dir)).get("lung_box_margin")
-    return None if margin is None else float(margin)
+    return _lung_box_margin(_train_info(Path(bundle_dir)))
 
 
-def _use_lung_box(cfg, bundle_dir: Path) -> float | None:
-    """Weights trained on lung-box crops (``lung_box_margin`` in ``models/train_info.json``, written by
+def bundle_preprocessing(config) -> Callable[[dict], dict]:
+    """A bundle's parsed ``preprocessing`` without its file loader (``LoadXRayd``): for images already read."""
+    from monai.transforms import Compose
+
+    from ctcovid.io import LoadXRayd
+
+    pre = config.get_parsed_content("preprocessing")
+    return Compose([t for t in pre.transforms if not isinstance(t, LoadXRayd)])
+
+
+def network_batch(image: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """One preprocessed ``(C, h, w)`` image (MetaTensor or tensor) -> a ``(1, C, h, w)`` float32 batch on ``device``."""
+    x = image.as_tensor() if hasattr(image, "as_tensor") else torch.as_tensor(image)
+    return x[None].float().to(device)
+
+
+def _use_lung_box(cfg, bundle_dir: Path, margin: float | None) -> float | None:
+    """Weights trained on lung-box crops (``margin``: ``lung_box_margin`` of ``models/train_info.json``, written by
     ``configs/train_lungbox.json``) get the bundle's ``configs/inference_lungbox.json`` on top of ``cfg`` (lung
     segmenter, then the box crop, in the preprocessing) with the trained margin. Returns the margin or ``None``."""
     from monai.bundle import ConfigParser
 
-    margin = trained_lung_box_margin(bundle_dir)
     if margin is None:
         return None
     overlay = Path(bundle_dir) / "configs" / "inference_lungbox.json"
@@ -144,28 +163,25 @@ class CXRStage:
 
         Raises ``ctcovid.bundle.loading.MissingWeightsError`` when the weights are absent.
         """
-        from monai.transforms import Compose
-
         from ctcovid.cxr.masks import SegmentLungsd
-        from ctcovid.io import LoadXRayd
 
         dev = resolve_device(device)
         sm = load_stage(stage, bundle, bundle_dir, device=dev)
         cfg = sm.config
-        margin = _use_lung_box(cfg, sm.bundle_dir)
+        info = _train_info(sm.bundle_dir)
+        margin = _use_lung_box(cfg, sm.bundle_dir, _lung_box_margin(info))
         cfg["device"] = str(dev)  # where a segmenter in the preprocessing runs
-        size = spatial_size or _trained_size(sm.bundle_dir)
+        size = spatial_size or _trained_size(info)
         if size is not None:
             cfg["spatial_size"] = [int(s) for s in size]
         else:
             size = cfg.get_parsed_content("spatial_size") if "spatial_size" in cfg else (sm.input_shape() or [512, 512])
-        pre = cfg.get_parsed_content("preprocessing")
-        steps = [t for t in pre.transforms if not isinstance(t, LoadXRayd)]
-        segmenters = [t.load() for t in steps if isinstance(t, SegmentLungsd)]
+        transform = bundle_preprocessing(cfg)
+        segmenters = [t.load() for t in transform.transforms if isinstance(t, SegmentLungsd)]
         return cls(
             sm.network,
             sm.channel_names(),
-            transform=Compose(steps),
+            transform=transform,
             spatial_size=size,
             device=dev,
             name=stage,
@@ -184,10 +200,8 @@ class CXRStage:
         """As :meth:`preprocess`, with the crop ``[r0, r1, c0, c1]`` of ``image`` the input shows (``None``: the
         whole image)."""
         d = self.transform({"image": image})
-        out = d["image"]
-        x = out.as_tensor() if hasattr(out, "as_tensor") else torch.as_tensor(out)
         box = d.get("lung_box")
-        return x[None].float().to(self.device), (list(box["box"]) if box else None)
+        return network_batch(d["image"], self.device), (list(box["box"]) if box else None)
 
     @torch.no_grad()
     def probabilities(self, x: torch.Tensor) -> np.ndarray:
